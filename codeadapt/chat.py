@@ -1,0 +1,96 @@
+"""Building blocks for chat examples in the OpenAI/HF `messages` + `tools` convention.
+
+Tool-call arguments are stored as JSON objects, not JSON-encoded strings: chat templates
+(Qwen2.5, Llama 3.x, ours) render `tool_call.arguments | tojson`, and mlx-lm's server turns
+the OpenAI wire format's string into an object before templating. Storing the object keeps
+training and serving byte-identical; a string would be encoded twice in training.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from codeadapt import tools as tools_mod
+
+SYSTEM_PROMPT = (
+    "You are a coding assistant working in a checkout of the {repo} repository. "
+    "Call the grep or read_file tool when the answer depends on the code; "
+    "answer directly when you already know. Only state what the tools showed."
+)
+
+
+def system(repo: str) -> dict[str, Any]:
+    return {"role": "system", "content": SYSTEM_PROMPT.format(repo=repo)}
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+def tool_call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn that calls one tool."""
+    if name not in tools_mod.TOOL_NAMES:
+        raise ValueError(f"unknown tool {name!r}; expected one of {sorted(tools_mod.TOOL_NAMES)}")
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        ],
+    }
+
+
+def tool_result(call_id: str, name: str, content: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
+
+
+def tool_schemas() -> tuple[dict[str, Any], ...]:
+    return copy.deepcopy(tools_mod.TOOL_SCHEMAS)
+
+
+def validate_messages(messages: Any, tools: Any) -> None:
+    """Raise ValueError describing the first thing wrong with one example."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError("'tools' must be a list")
+    pending: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] is not an object")
+        role = m.get("role")
+        if role not in {"system", "user", "assistant", "tool"}:
+            raise ValueError(f"messages[{i}].role {role!r} is not system/user/assistant/tool")
+        if not isinstance(m.get("content", ""), str):
+            raise ValueError(f"messages[{i}].content must be a string")
+        if role == "assistant" and m.get("tool_calls"):
+            for call in m["tool_calls"]:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or fn.get("name") not in tools_mod.TOOL_NAMES:
+                    raise ValueError(f"messages[{i}] calls an unknown tool: {call!r}")
+                if not isinstance(fn.get("arguments"), dict):
+                    raise ValueError(f"messages[{i}] tool call arguments must be a JSON object")
+                pending[call.get("id", "")] = fn["name"]
+        if role == "tool":
+            if m.get("tool_call_id") not in pending:
+                raise ValueError(f"messages[{i}] answers no earlier tool call")
+            pending.pop(m["tool_call_id"])
+    if messages[-1].get("role") != "assistant" or messages[-1].get("tool_calls"):
+        raise ValueError("the last message must be a final assistant answer")
+    if pending:
+        raise ValueError(f"tool calls without results: {sorted(pending)}")
+
+
+def tool_calls_of(messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(call, result message) pairs in order, for replaying an example's tools."""
+    results = {m.get("tool_call_id"): m for m in messages if m.get("role") == "tool"}
+    pairs = []
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            pairs.append((call, results.get(call.get("id"))))
+    return pairs

@@ -1,0 +1,228 @@
+"""Typed settings parsed from `pipeline.toml`: sources, phases, budgets, profiles."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_CONFIG = "pipeline.toml"
+
+
+def check_name(name: str, what: str = "source name") -> str:
+    """Reject names that could escape `data/repos/` (`/`, `..`, leading dot, empty)."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, no '/' and no '..'"
+        )
+    return name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(Strict):
+    """Where one source's code comes from."""
+
+    kind: Literal["git", "installed", "path"] = Field(description="git URL, installed dist, or local dir")
+    group: str = Field(description="the group (set of sources) a phase adds")
+    url: str | None = Field(None, description="git: clone URL or local path")
+    ref: str = Field("HEAD", description="git: branch, tag or commit SHA")
+    dist: str | None = Field(None, description="installed: distribution name, e.g. 'flask'")
+    path: str | None = Field(None, description="path: directory, relative to the config file")
+    generator: Literal["python", "html"] = Field("python", description="which example generator")
+
+    @model_validator(mode="after")
+    def _needs_origin(self) -> "SourceSpec":
+        need = {"git": "url", "installed": "dist", "path": "path"}[self.kind]
+        if not getattr(self, need):
+            raise ValueError(f"kind {self.kind!r} needs '{need}'")
+        return self
+
+
+class Budget(Strict):
+    """How many examples of each kind a group yields, spread across its sources."""
+
+    grep: int = Field(0, ge=0)
+    read: int = Field(0, ge=0)
+    direct: int = Field(0, ge=0)
+
+
+class GroupSpec(Strict):
+    budget: Budget = Field(default_factory=Budget)
+    handwritten: list[str] = Field(default_factory=list, description="JSONL files of examples")
+
+
+class PhaseSpec(Strict):
+    extends: str | None = Field(None, description="phase whose sources this phase keeps")
+    groups: list[str] = Field(default_factory=list, description="groups this phase adds")
+
+
+class SplitSpec(Strict):
+    valid: float = Field(0.1, ge=0, lt=0.5)
+    test: float = Field(0.1, ge=0, lt=0.5)
+    salt: str = Field("codeadapt-split-v1", description="change only to reshuffle every split")
+
+
+class LimitSpec(Strict):
+    max_file_bytes: int = Field(1_000_000, ge=1, description="larger files are skipped")
+    max_read_lines: int = Field(80, ge=1, le=200, description="longest span a read example shows")
+    max_grep_hits: int = Field(20, ge=1, le=50, description="most matches a grep example shows")
+
+
+class PathSpec(Strict):
+    data: str = "data"
+    repos: str = "data/repos"
+    adapters: str = "adapters"
+
+
+class ProfileSpec(Strict):
+    sources: dict[str, SourceSpec] = Field(default_factory=dict)
+
+
+class Settings(Strict):
+    """The whole pipeline configuration, for one profile."""
+
+    profile: str = "offline"
+    seed: int = 0
+    paths: PathSpec = Field(default_factory=PathSpec)
+    limits: LimitSpec = Field(default_factory=LimitSpec)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    groups: dict[str, GroupSpec] = Field(default_factory=dict)
+    phases: dict[str, PhaseSpec] = Field(default_factory=dict)
+    sources: dict[str, SourceSpec] = Field(default_factory=dict, description="in every profile")
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    root: str = Field(".", description="directory relative paths are resolved against")
+
+    @field_validator("sources", "phases", "groups")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            check_name(name, "name")
+        return v
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_source_names(cls, v: dict[str, ProfileSpec]) -> dict[str, ProfileSpec]:
+        for p in v.values():
+            for name in p.sources:
+                check_name(name)
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> "Settings":
+        if self.profiles and self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} not in {sorted(self.profiles)}")
+        for pname, phase in self.phases.items():
+            if phase.extends and phase.extends not in self.phases:
+                raise ValueError(f"phases.{pname}.extends: unknown phase {phase.extends!r}")
+            for g in phase.groups:
+                if g not in self.groups:
+                    raise ValueError(f"phases.{pname}.groups: unknown group {g!r}")
+            self.phase_groups(pname)  # cycles
+        for sname, src in self.active_sources().items():
+            if src.group not in self.groups:
+                raise ValueError(f"sources.{sname}.group: unknown group {src.group!r}")
+        return self
+
+    def active_sources(self) -> dict[str, SourceSpec]:
+        """Common sources overlaid with the active profile's."""
+        merged = dict(self.sources)
+        if self.profile in self.profiles:
+            merged.update(self.profiles[self.profile].sources)
+        return merged
+
+    def phase_chain(self, phase: str) -> list[str]:
+        """`phase` and the phases it extends, oldest first."""
+        if phase not in self.phases:
+            raise ValueError(f"unknown phase {phase!r}; configured: {sorted(self.phases)}")
+        chain: list[str] = []
+        p: str | None = phase
+        while p:
+            if p in chain:
+                raise ValueError(f"phases.{phase}.extends forms a cycle through {p!r}")
+            chain.append(p)
+            p = self.phases[p].extends
+        return chain[::-1]
+
+    def phase_groups(self, phase: str) -> list[str]:
+        """Groups of `phase` in the order phases introduced them (oldest first)."""
+        groups: list[str] = []
+        for p in self.phase_chain(phase):
+            groups += [g for g in self.phases[p].groups if g not in groups]
+        return groups
+
+    def phase_sources(self, phase: str) -> dict[str, SourceSpec]:
+        """Active sources of `phase`, ordered by group introduction then name."""
+        groups = self.phase_groups(phase)
+        srcs = self.active_sources()
+        return {
+            n: s
+            for g in groups
+            for n, s in sorted(srcs.items())
+            if s.group == g
+        }
+
+    def resolve(self, rel: str) -> Path:
+        return (Path(self.root) / rel).resolve()
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {p!r} is not a table")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=3` → ("a.b", 3); the value is read as TOML, else kept as a string."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path = DEFAULT_CONFIG,
+    profile: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Settings:
+    """Parse the config file once; unknown keys and wrong types name their key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        _set_dotted(data, key, value)
+    if profile:
+        data["profile"] = profile
+    data.setdefault("root", str(path.resolve().parent))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_format_error(exc, str(path))) from None

@@ -1,0 +1,232 @@
+"""Merge per-source examples into a phase dataset: redact, replay, dedup, split, write.
+
+The split is a pure function of (salt, source, path), so an example keeps its split when a
+later phase adds data, and every example drawn from one file lands in one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from codeadapt import tools
+from codeadapt.records import Checkout, Example
+from codeadapt.secrets import redact, redact_text
+
+DATASET_VERSION = "1"
+SPLITS = ("train", "valid", "test")
+
+
+def split_of(source: str, path: str, valid: float, test: float, salt: str) -> str:
+    """Stable split for a (source, path) group."""
+    h = hashlib.sha256(f"{salt}\0{source}\0{path}".encode()).digest()
+    x = int.from_bytes(h[:8], "big") / 2**64
+    return "test" if x < test else "valid" if x < test + valid else "train"
+
+
+def _norm(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return " ".join(obj.split()).lower()
+    if isinstance(obj, list | tuple):
+        return [_norm(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _norm(v) for k, v in sorted(obj.items()) if k not in {"id", "tool_call_id"}}
+    return obj
+
+
+def content_key(example: Example) -> str:
+    """Hash of the normalised conversation (whitespace and case folded; call ids ignored)."""
+    blob = json.dumps(_norm(list(example.messages)), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def replay_mismatches(example: Example, root: Path | str) -> list[int]:
+    """Indices of tool messages whose content differs from re-running the (redacted) tool."""
+    calls = {}
+    bad = []
+    for i, m in enumerate(example.messages):
+        for c in m.get("tool_calls") or []:
+            calls[c["id"]] = c["function"]
+        if m.get("role") == "tool":
+            fn = calls.get(m.get("tool_call_id"))
+            if fn is None:
+                bad.append(i)
+                continue
+            out, _ = redact_text(tools.execute(root, fn["name"], fn["arguments"]))
+            if out != m.get("content"):
+                bad.append(i)
+    return bad
+
+
+def prepare(examples: Iterable[Example], checkouts: dict[str, Checkout],
+            stats: Counter[str]) -> list[Example]:
+    """Redact, then keep only examples whose every tool result replays on its checkout."""
+    out = []
+    for ex in examples:
+        co = checkouts.get(ex.source)
+        if co is None:
+            stats["dropped_source_unavailable"] += 1
+            continue
+        if not ex.commit:
+            ex = replace(ex, commit=co.commit)
+        msgs, n = redact(list(ex.messages))
+        stats["secrets_redacted"] += n
+        ex = replace(ex, messages=tuple(msgs))
+        if ex.commit != co.commit or replay_mismatches(ex, co.path):
+            stats["dropped_replay_mismatch"] += 1
+            continue
+        out.append(ex)
+    return out
+
+
+def dedup(examples: list[Example], stats: Counter[str]) -> list[tuple[str, Example]]:
+    """First occurrence of each normalised conversation wins; callers order oldest phase first."""
+    seen: set[str] = set()
+    out = []
+    for ex in examples:
+        key = content_key(ex)
+        if key in seen:
+            stats["dropped_duplicate"] += 1
+            continue
+        seen.add(key)
+        out.append((key[:16], ex))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Checkout],
+                  out_dir: Path, split_cfg: dict[str, Any], inputs: dict[str, Any],
+                  upstream_stats: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Write `out_dir/{train,valid,test}.jsonl`, `manifest.json`, `README.md`; return manifest."""
+    stats: Counter[str] = Counter()
+    stats["input_examples"] = len(examples)
+    kept = dedup(prepare(examples, checkouts, stats), stats)
+    rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    entries = []
+    for ex_id, ex in kept:
+        split = split_of(ex.source, ex.path, split_cfg["valid"], split_cfg["test"], split_cfg["salt"])
+        rows[split].append(ex.record())
+        entries.append({"id": ex_id, "split": split, "source": ex.source, "commit": ex.commit,
+                        "path": ex.path, "start_line": ex.start_line, "end_line": ex.end_line,
+                        "kind": ex.kind, "generator_version": ex.generator_version})
+    counts = {
+        "total": len(entries),
+        "split": dict(Counter(e["split"] for e in entries)),
+        "kind": dict(sorted(Counter(e["kind"] for e in entries).items())),
+        "source": dict(sorted(Counter(e["source"] for e in entries).items())),
+        "source_split": {s: dict(Counter(e["split"] for e in entries if e["source"] == s))
+                         for s in sorted({e["source"] for e in entries})},
+    }
+    manifest: dict[str, Any] = {
+        "phase": phase,
+        "dataset_version": DATASET_VERSION,
+        "split": split_cfg,
+        "inputs": inputs,
+        "counts": counts,
+        "stats": {"build": dict(sorted(stats.items())), **upstream_stats},
+        "examples": entries,
+    }
+    write_atomically(out_dir, rows, manifest)
+    return json.loads((out_dir / "manifest.json").read_text())
+
+
+def inputs_hash(manifest: dict[str, Any]) -> str:
+    """What the dataset was built from; equal hashes mean nothing needs rebuilding."""
+    blob = json.dumps({"inputs": manifest["inputs"], "split": manifest["split"],
+                       "version": manifest["dataset_version"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manifest: dict[str, Any]) -> None:
+    """Write everything into a temp dir beside `out_dir`, then swap it in."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for split in SPLITS:
+            _write_jsonl(tmp / f"{split}.jsonl", rows[split])
+        manifest["outputs"] = {f"{s}.jsonl": _sha256(tmp / f"{s}.jsonl") for s in SPLITS}
+        manifest["inputs_hash"] = inputs_hash(manifest)
+        (tmp / "README.md").write_text(data_card(manifest), encoding="utf-8")
+        manifest["outputs"]["README.md"] = _sha256(tmp / "README.md")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def data_card(m: dict[str, Any]) -> str:
+    """The dataset's README: what is in it, where it came from, how it was split."""
+    c = m["counts"]
+    src_rows = []
+    for name, info in sorted(m["inputs"].get("sources", {}).items()):
+        ss = c["source_split"].get(name, {})
+        src_rows.append((name, info.get("origin", ""), f"`{info.get('commit', '')[:12]}`",
+                         *(ss.get(s, 0) for s in SPLITS)))
+    drops = {k: v for st in m["stats"].values() for k, v in st.items() if k.startswith(("dropped_", "short_"))}
+    return f"""# Dataset card: {m['phase']}
+
+Tool-use chat examples (`messages` + `tools`, OpenAI/HF convention, tool-call arguments as JSON
+objects) for fine-tuning a local coding assistant with mlx-lm. Built by codeadapt
+(dataset version {m['dataset_version']}).
+
+- Examples: {c['total']} (train {c['split'].get('train', 0)}, valid {c['split'].get('valid', 0)}, test {c['split'].get('test', 0)})
+- Every tool result was produced by running codeadapt's `grep`/`read_file` on the source's
+  checkout at the pinned commit below, and replayed identically before writing.
+- Split: by a hash of (salt `{m['split']['salt']}`, source, path), valid {m['split']['valid']},
+  test {m['split']['test']}: all examples about one file share a split, and a later phase never
+  moves an example. Keep `test` for evaluation.
+- Dedup: exact, on the conversation with whitespace and case folded (first occurrence kept,
+  earlier phases first).
+- Secrets: detect-secrets' credential detectors; matches replaced with `<REDACTED-SECRET>`.
+- Inputs hash: `{m.get('inputs_hash', '')}`
+
+## Sources
+
+{_table(('source', 'origin', 'commit', *SPLITS), src_rows)}
+
+## Kinds
+
+{_table(('kind', 'examples'), sorted(c['kind'].items()))}
+
+## Dropped or short (by reason)
+
+{_table(('reason', 'count'), sorted(drops.items())) if drops else 'Nothing dropped.'}
+
+## Files
+
+`train.jsonl`, `valid.jsonl`, `test.jsonl`; `manifest.json` has per-example provenance (id,
+source, commit, path, line span, kind, generator version, split), input SHAs and output hashes.
+"""
+
+
+def checkout_inputs(checkouts: dict[str, Checkout]) -> dict[str, Any]:
+    return {n: {k: v for k, v in asdict(c).items() if k not in {"path"}} for n, c in sorted(checkouts.items())}

@@ -1,0 +1,382 @@
+"""Grounded Python examples: grep, read_file and direct answers over one checkout.
+
+Each example starts from what tree-sitter found (a `Symbol`), runs the real tool on the
+checkout, checks the result agrees with the parse, and writes an answer that only restates the
+tool result. A disagreement drops the example and counts why.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from codeadapt import chat, tools
+from codeadapt.records import Example, Extraction, Symbol
+
+GENERATOR_VERSION = "1"
+GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
+              "grep_importers", "grep_async")
+READ_KINDS = ("read_class", "read_function", "read_method")
+DIRECT_KINDS = ("direct_symbol", "direct_module")
+HIT_RE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+):(?P<text>.*)$")
+
+PHRASES: dict[str, tuple[str, ...]] = {
+    "grep_class": ("Where is the class `{name}` defined in {repo}?",
+                   "Find the definition of class `{name}` in {repo}.",
+                   "In {repo}, which file defines `class {name}`?",
+                   "I'm looking for the `{name}` class in {repo}. Where is it?"),
+    "grep_function": ("Where is the function `{name}` defined in {repo}?",
+                      "Find `def {name}` in {repo}.",
+                      "Which file of {repo} defines the `{name}` function?",
+                      "Locate the `{name}` function in the {repo} code base."),
+    "grep_subclasses": ("Which classes in {repo} subclass `{name}`?",
+                        "List the subclasses of `{name}` in {repo}.",
+                        "What classes derive from `{name}` in {repo}?"),
+    "grep_decorator": ("Where is the `@{name}` decorator used in {repo}?",
+                       "Find every use of `@{name}` in {repo}.",
+                       "Which definitions in {repo} are decorated with `@{name}`?"),
+    "grep_importers": ("Which files in {repo} import `{name}`?",
+                       "Find the modules of {repo} that import from `{name}`.",
+                       "Who imports `{name}` in {repo}?"),
+    "grep_async": ("Which async functions are defined in `{name}` in {repo}?",
+                   "List the `async def`s in {repo}'s `{name}`.",
+                   "What coroutines does `{name}` define in {repo}?"),
+    "read_class": ("Show me the class `{name}` in {repo}.",
+                   "Can you show the source of `{name}` from {repo}?",
+                   "I want to read the implementation of class `{name}` in {repo}."),
+    "read_function": ("Show me the function `{name}` in {repo}.",
+                      "What does the source of `{name}` in {repo} look like?",
+                      "Read me the implementation of `{name}` in {repo}."),
+    "read_method": ("Show me the method `{name}` in {repo}.",
+                    "How is `{name}` implemented in {repo}? Show me the code.",
+                    "Let me see the source of the `{name}` method in {repo}."),
+    "direct_symbol": ("What does `{name}` in {repo} do?",
+                      "Briefly, what is `{name}` for in {repo}?",
+                      "Explain the purpose of `{name}` in {repo}."),
+    "direct_module": ("What is the `{name}` module of {repo} for?",
+                      "Summarise what `{name}` in {repo} contains.",
+                      "What's the role of the `{name}` module in {repo}?"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_read_lines: int = 80
+    max_grep_hits: int = 20
+
+
+@dataclass(slots=True)
+class Ctx:
+    """What every generator needs: the checkout, its parse, limits and counters."""
+
+    root: Path
+    source: str
+    commit: str
+    extraction: Extraction
+    limits: Limits
+    seed: str
+    stats: Counter[str]
+
+    def rng(self, *key: object) -> random.Random:
+        return random.Random(":".join(map(str, (self.seed, self.source, *key))))
+
+    def question(self, kind: str, name: str) -> str:
+        return self.rng(kind, name, "phrase").choice(PHRASES[kind]).format(name=name, repo=self.source)
+
+    def example(self, messages: list[dict], kind: str, sym_path: str, start: int, end: int) -> Example:
+        return Example(
+            messages=tuple([chat.system(self.source), *messages]),
+            tools=chat.tool_schemas(),
+            source=self.source, commit=self.commit, path=sym_path,
+            start_line=start, end_line=end, kind=kind, generator_version=GENERATOR_VERSION,
+        )
+
+
+def parse_hits(result: str) -> list[tuple[str, int, str]]:
+    """(path, line, text) of each grep result line."""
+    out = []
+    for line in result.splitlines():
+        m = HIT_RE.match(line)
+        if m:
+            out.append((m["path"], int(m["line"]), m["text"]))
+    return out
+
+
+def _grep(ctx: Ctx, args: dict) -> tuple[str, list[tuple[str, int, str]]] | None:
+    """Run grep; None (counted) when the result is unusable for an example."""
+    result = tools.execute(ctx.root, "grep", args)
+    if result.startswith("error:"):
+        ctx.stats["dropped_tool_error"] += 1
+        return None
+    hits = parse_hits(result)
+    if not hits or "more matches not shown" in result or len(hits) > ctx.limits.max_grep_hits:
+        ctx.stats["dropped_too_many_hits" if hits else "dropped_no_hits"] += 1
+        return None
+    return result, hits
+
+
+def _loc_list(hits: list[tuple[str, int, str]]) -> str:
+    return "\n".join(f"- `{p}`, line {n}" for p, n, _ in hits)
+
+
+def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[str, int]],
+                  answer: Callable[[list[tuple[str, int, str]]], str], sym: Symbol | None,
+                  prov: tuple[str, int, int]) -> Example | None:
+    got = _grep(ctx, args)
+    if got is None:
+        return None
+    result, hits = got
+    if not expect <= {(p, n) for p, n, _ in hits}:
+        ctx.stats["dropped_grep_disagrees_with_parse"] += 1
+        return None
+    msgs = [chat.user(ctx.question(kind, name)), chat.tool_call("call_1", "grep", args),
+            chat.tool_result("call_1", "grep", result), chat.assistant(answer(hits))]
+    return ctx.example(msgs, kind, *prov)
+
+
+def _defined_answer(name: str, what: str) -> Callable[[list[tuple[str, int, str]]], str]:
+    def answer(hits: list[tuple[str, int, str]]) -> str:
+        if len(hits) == 1:
+            p, n, _ = hits[0]
+            return f"{what} `{name}` is defined in `{p}` at line {n}."
+        return f"{what} `{name}` is defined in {len(hits)} places:\n{_loc_list(hits)}"
+    return answer
+
+
+def _public(sym: Symbol) -> bool:
+    return not any(part.startswith("_") for part in sym.qualname.split("."))
+
+
+def gen_grep_class(ctx: Ctx) -> Iterator[Example | None]:
+    for s in _candidates(ctx, "grep_class", lambda s: s.kind == "class" and _public(s)):
+        args = {"pattern": rf"^\s*class {s.name}\b", "glob": "*.py"}
+        yield _grep_example(ctx, "grep_class", s.name, args, {(s.path, s.def_line)},
+                            _defined_answer(s.name, "The class"), s, (s.path, s.start_line, s.end_line))
+
+
+def gen_grep_function(ctx: Ctx) -> Iterator[Example | None]:
+    for s in _candidates(ctx, "grep_function", lambda s: s.kind == "function" and _public(s)):
+        args = {"pattern": rf"^\s*(async\s+)?def {s.name}\b", "glob": "*.py"}
+        yield _grep_example(ctx, "grep_function", s.name, args, {(s.path, s.def_line)},
+                            _defined_answer(s.name, "The function"), s, (s.path, s.start_line, s.end_line))
+
+
+def _class_names(hits: list[tuple[str, int, str]]) -> list[tuple[str, str, int]]:
+    out = []
+    for p, n, text in hits:
+        m = re.match(r"\s*class (\w+)", text)
+        if m:
+            out.append((m[1], p, n))
+    return out
+
+
+def gen_grep_subclasses(ctx: Ctx) -> Iterator[Example | None]:
+    classes = [s for s in ctx.extraction.symbols() if s.kind == "class"]
+    subs: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for c in classes:
+        for b in c.bases:
+            base = b.split("[")[0].split(".")[-1].strip()
+            if re.fullmatch(r"\w+", base):
+                subs[base].add((c.path, c.def_line))
+    bases = {c.name: c for c in classes if c.name in subs and _public(c)}
+    for name in _shuffled(ctx, "grep_subclasses", sorted(bases)):
+        base = bases[name]
+
+        def answer(hits: list[tuple[str, int, str]], name: str = name) -> str:
+            found = _class_names(hits)
+            lines = "\n".join(f"- `{c}` (`{p}`, line {n})" for c, p, n in found)
+            return f"{len(found)} class{'es' if len(found) != 1 else ''} subclass `{name}`:\n{lines}"
+
+        args = {"pattern": rf"^\s*class \w+\(.*\b{name}\b", "glob": "*.py"}
+        yield _grep_example(ctx, "grep_subclasses", name, args, subs[name], answer, base,
+                            (base.path, base.start_line, base.end_line))
+
+
+def gen_grep_decorator(ctx: Ctx) -> Iterator[Example | None]:
+    uses: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    first: dict[str, Symbol] = {}
+    for s in ctx.extraction.symbols():
+        for d in s.decorators:
+            name = d.split("(")[0].strip()
+            if re.fullmatch(r"[A-Za-z_][\w.]*", name):
+                uses[name].add((s.path, s.start_line))
+                first.setdefault(name, s)
+    names = [n for n, u in sorted(uses.items()) if 2 <= len(u) <= ctx.limits.max_grep_hits]
+    for name in _shuffled(ctx, "grep_decorator", names):
+
+        def answer(hits: list[tuple[str, int, str]], name: str = name) -> str:
+            return f"`@{name}` is used {len(hits)} times:\n{_loc_list(hits)}"
+
+        # Decorators sit on the first line of a decorated definition; grep must find them all.
+        args = {"pattern": rf"^\s*@{re.escape(name)}\b", "glob": "*.py"}
+        s = first[name]
+        yield _grep_example(ctx, "grep_decorator", name, args, set(), answer, s,
+                            (s.path, s.start_line, s.end_line))
+
+
+def gen_grep_importers(ctx: Ctx) -> Iterator[Example | None]:
+    by_mod: dict[str, set[str]] = defaultdict(set)
+    for imp in ctx.extraction.imports():
+        if imp.module and not imp.module.startswith("."):
+            by_mod[imp.module].add(imp.path)
+    mods = [m for m, files in sorted(by_mod.items()) if 2 <= len(files) <= ctx.limits.max_grep_hits]
+    for mod in _shuffled(ctx, "grep_importers", mods):
+
+        def answer(hits: list[tuple[str, int, str]], mod: str = mod) -> str:
+            files = sorted({p for p, _, _ in hits})
+            return f"{len(files)} files import `{mod}`:\n" + "\n".join(f"- `{f}`" for f in files)
+
+        esc = re.escape(mod)
+        args = {"pattern": rf"^\s*(from {esc} import|import {esc}\b)", "glob": "*.py"}
+        path = sorted(by_mod[mod])[0]
+        yield _grep_example(ctx, "grep_importers", mod, args, set(), answer, None, (path, 1, 1))
+
+
+def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
+    per_file: dict[str, list[Symbol]] = defaultdict(list)
+    for s in ctx.extraction.symbols():
+        if s.is_async:
+            per_file[s.path].append(s)
+    for path in _shuffled(ctx, "grep_async", sorted(per_file)):
+
+        def answer(hits: list[tuple[str, int, str]]) -> str:
+            names = [(m[1], n) for _, n, t in hits if (m := re.match(r"\s*async def (\w+)", t))]
+            items = "\n".join(f"- `{f}` (line {n})" for f, n in names)
+            return f"`{hits[0][0]}` defines {len(names)} async function{'s' if len(names) != 1 else ''}:\n{items}"
+
+        args = {"pattern": r"^\s*async def \w+", "path": path}
+        expect = {(s.path, s.def_line) for s in per_file[path]}
+        lines = [s.start_line for s in per_file[path]] + [s.end_line for s in per_file[path]]
+        yield _grep_example(ctx, "grep_async", path, args, expect, answer, None,
+                            (path, min(lines), max(lines)))
+
+
+def _gen_read(ctx: Ctx, kind: str, want: Callable[[Symbol], bool]) -> Iterator[Example | None]:
+    for s in _candidates(ctx, kind, want):
+        if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
+            ctx.stats["dropped_span_too_long"] += 1
+            yield None
+            continue
+        kw = "class" if s.kind == "class" else r"(async\s+)?def"
+        gargs = {"pattern": rf"^\s*{kw} {s.name}\b", "glob": "*.py"}
+        got = _grep(ctx, gargs)
+        if got is None:
+            yield None
+            continue
+        gres, hits = got
+        if len(hits) != 1 or (hits[0][0], hits[0][1]) != (s.path, s.def_line):
+            ctx.stats["dropped_ambiguous_name"] += 1
+            yield None
+            continue
+        rargs = {"path": s.path, "start_line": s.start_line, "end_line": s.end_line}
+        rres = tools.execute(ctx.root, "read_file", rargs)
+        shown = [ln.split(": ", 1)[-1] for ln in rres.splitlines()]
+        if rres.startswith("error:") or s.signature.split("(")[0].split()[-1] not in "\n".join(shown):
+            ctx.stats["dropped_read_disagrees_with_parse"] += 1
+            yield None
+            continue
+        answer = (f"`{s.qualname}` is in `{s.path}`, lines {s.start_line}–{s.end_line}. "
+                  f"Its definition line is:\n\n```python\n{shown[s.def_line - s.start_line].strip()}\n```")
+        doc_first = s.docstring.strip().splitlines()[0].strip() if s.docstring.strip() else ""
+        if doc_first and doc_first in rres:
+            answer += f"\n\nIts docstring starts: \"{doc_first}\""
+        msgs = [chat.user(ctx.question(kind, s.qualname)), chat.tool_call("call_1", "grep", gargs),
+                chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
+                chat.tool_result("call_2", "read_file", rres), chat.assistant(answer)]
+        yield ctx.example(msgs, kind, s.path, s.start_line, s.end_line)
+
+
+def gen_read_class(ctx: Ctx) -> Iterator[Example | None]:
+    return _gen_read(ctx, "read_class", lambda s: s.kind == "class" and _public(s))
+
+
+def gen_read_function(ctx: Ctx) -> Iterator[Example | None]:
+    return _gen_read(ctx, "read_function", lambda s: s.kind == "function" and _public(s))
+
+
+def gen_read_method(ctx: Ctx) -> Iterator[Example | None]:
+    return _gen_read(ctx, "read_method", lambda s: s.kind == "method" and _public(s))
+
+
+def first_paragraph(doc: str) -> str:
+    para = doc.strip().split("\n\n")[0]
+    return " ".join(para.split())
+
+
+def _usable_doc(doc: str) -> bool:
+    p = first_paragraph(doc)
+    return 40 <= len(p) <= 600 and not p.startswith((":", ">>>", ".."))
+
+
+def gen_direct_symbol(ctx: Ctx) -> Iterator[Example | None]:
+    want = lambda s: s.kind in {"class", "function"} and _public(s) and _usable_doc(s.docstring)  # noqa: E731
+    for s in _candidates(ctx, "direct_symbol", want):
+        msgs = [chat.user(ctx.question("direct_symbol", s.qualname)),
+                chat.assistant(first_paragraph(s.docstring))]
+        yield ctx.example(msgs, "direct_symbol", s.path, s.start_line, s.end_line)
+
+
+def gen_direct_module(ctx: Ctx) -> Iterator[Example | None]:
+    files = [f for f in ctx.extraction.files if _usable_doc(f.module_docstring)]
+    for f in _shuffled(ctx, "direct_module", sorted(files, key=lambda f: f.path)):
+        mod = f.path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        msgs = [chat.user(ctx.question("direct_module", mod)),
+                chat.assistant(first_paragraph(f.module_docstring))]
+        yield ctx.example(msgs, "direct_module", f.path, 1, 1)
+
+
+GENERATORS: dict[str, Callable[[Ctx], Iterator[Example | None]]] = {
+    "grep_class": gen_grep_class, "grep_function": gen_grep_function,
+    "grep_subclasses": gen_grep_subclasses, "grep_decorator": gen_grep_decorator,
+    "grep_importers": gen_grep_importers, "grep_async": gen_grep_async,
+    "read_class": gen_read_class, "read_function": gen_read_function,
+    "read_method": gen_read_method,
+    "direct_symbol": gen_direct_symbol, "direct_module": gen_direct_module,
+}
+
+
+def _shuffled(ctx: Ctx, kind: str, items: list) -> list:
+    items = list(items)
+    ctx.rng(kind, "order").shuffle(items)
+    return items
+
+
+def _candidates(ctx: Ctx, kind: str, want: Callable[[Symbol], bool]) -> list[Symbol]:
+    syms = sorted((s for s in ctx.extraction.symbols() if want(s)), key=lambda s: (s.path, s.start_line))
+    return _shuffled(ctx, kind, syms)
+
+
+def _take(ctx: Ctx, kinds: tuple[str, ...], quota: int) -> list[Example]:
+    """Round-robin over `kinds` until `quota` examples or every generator runs dry."""
+    gens = {k: GENERATORS[k](ctx) for k in kinds}
+    out: list[Example] = []
+    while gens and len(out) < quota:
+        for k in list(gens):
+            if len(out) >= quota:
+                break
+            for ex in gens[k]:
+                if ex is not None:
+                    out.append(ex)
+                    break
+            else:
+                del gens[k]
+    if len(out) < quota:
+        ctx.stats[f"short_{kinds[0].split('_')[0]}"] += quota - len(out)
+    return out
+
+
+def python_examples(root: Path, extraction: Extraction, quotas: dict[str, int],
+                    limits: Limits = Limits(), seed: str = "0") -> tuple[list[Example], dict[str, int]]:
+    """Up to `quotas[grep|read|direct]` grounded examples for one checkout, plus stats."""
+    ctx = Ctx(Path(root), extraction.source, extraction.commit, extraction, limits, seed, Counter())
+    out: list[Example] = []
+    for family, kinds in (("grep", GREP_KINDS), ("read", READ_KINDS), ("direct", DIRECT_KINDS)):
+        out += _take(ctx, kinds, quotas.get(family, 0))
+    ctx.stats["examples"] = len(out)
+    for ex in out:
+        ctx.stats[f"kind_{ex.kind}"] += 1
+    return out, dict(ctx.stats)

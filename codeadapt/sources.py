@@ -1,0 +1,162 @@
+"""Bring each source to a local Git checkout pinned at a commit.
+
+`git` sources are fetched shallowly (no submodules, no hooks); `installed` distributions and
+local `path` directories are snapshotted into a Git repo whose commit is content-addressed
+(fixed author and date), so an unchanged source keeps its SHA across runs and machines.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+
+import git
+
+from codeadapt.config import SourceSpec, check_name
+from codeadapt.records import Checkout
+
+SNAPSHOT_DATE = "2000-01-01T00:00:00+0000"
+SNAPSHOT_IDENTITY = {"name": "codeadapt", "email": "codeadapt@localhost"}
+# No hooks, no submodule recursion, no credential prompts: a clone must never run code or wait.
+SAFE_GIT_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "submodule.recurse=false"]
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "echo"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be synced (bad URL, missing ref, empty repo); not worth a retry."""
+
+
+def sync_source(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path) -> Checkout:
+    """Fetch or snapshot one source into `repos_dir/<name>` and return its pinned checkout."""
+    check_name(name)
+    dest = repos_dir / name
+    if spec.kind == "git":
+        commit = _sync_git(name, spec.url or "", spec.ref, dest)
+        origin = spec.url or ""
+    elif spec.kind == "installed":
+        files, version = _installed_files(name, spec.dist or "")
+        commit = _snapshot(dest, files, f"snapshot of {spec.dist} {version}")
+        origin = f"{spec.dist}=={version}"
+    else:
+        src = (project_root / (spec.path or "")).resolve()
+        if not src.is_dir():
+            raise SourceError(f"source {name!r}: directory {src} does not exist")
+        commit = _snapshot(dest, _dir_files(src), f"snapshot of {spec.path}")
+        origin = spec.path or ""
+    return Checkout(
+        name=name,
+        kind=spec.kind,
+        origin=origin,
+        ref=spec.ref if spec.kind == "git" else "snapshot",
+        commit=commit,
+        path=str(dest.resolve()),
+        group=spec.group,
+        generator=spec.generator,
+    )
+
+
+def _git(repo: git.Repo, *args: str) -> str:
+    return repo.git.execute(["git", *SAFE_GIT_CONFIG, *args], env=GIT_ENV)
+
+
+def _sync_git(name: str, url: str, ref: str, dest: Path) -> str:
+    """Shallow-fetch `ref` from `url`; check out again only when it moved."""
+    if dest.exists() and not (dest / ".git").is_dir():
+        raise SourceError(f"source {name!r}: {dest} exists and is not a Git repository")
+    repo = git.Repo(dest) if dest.exists() else git.Repo.init(dest)
+    with repo.config_writer() as cw:
+        cw.set_value("core", "hooksPath", "/dev/null")
+    if "origin" in [r.name for r in repo.remotes]:
+        repo.remotes.origin.set_url(url)
+    else:
+        repo.create_remote("origin", url)
+    try:
+        heads = _git(repo, "ls-remote", "origin")
+    except git.GitCommandError as exc:
+        raise SourceError(f"source {name!r}: cannot reach {url}: {_stderr(exc)}") from None
+    if not heads.strip():
+        raise SourceError(f"source {name!r}: repository {url} is empty (no commits)")
+    try:
+        _git(repo, "fetch", "--depth=1", "--no-tags", "--no-recurse-submodules", "origin", ref)
+    except git.GitCommandError:
+        # Servers that refuse a shallow fetch by SHA (plain local repos) still serve everything.
+        try:
+            _git(repo, "fetch", "--no-recurse-submodules", "--tags", "origin")
+            sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        except git.GitCommandError:
+            raise SourceError(f"source {name!r}: ref {ref!r} not found in {url}") from None
+    else:
+        sha = _git(repo, "rev-parse", "FETCH_HEAD^{commit}")
+    current = repo.head.commit.hexsha if repo.head.is_valid() else None
+    if current != sha:
+        _git(repo, "checkout", "--force", "--detach", sha)
+        _git(repo, "clean", "-fdx")
+    return sha
+
+
+def _stderr(exc: git.GitCommandError) -> str:
+    text = (exc.stderr or str(exc)).strip()
+    return " ".join(text.replace("stderr:", "").split())[:300]
+
+
+def _installed_files(name: str, dist: str) -> tuple[dict[str, Path], str]:
+    """Files an installed distribution put in site-packages (no metadata, no bytecode)."""
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        raise SourceError(f"source {name!r}: distribution {dist!r} is not installed") from None
+    files: dict[str, Path] = {}
+    for f in d.files or []:
+        rel = PurePosixPath(f.as_posix())
+        if rel.parts and (rel.parts[0] == ".." or rel.parts[0].endswith((".dist-info", ".egg-info"))):
+            continue
+        if "__pycache__" in rel.parts or rel.suffix in {".pyc", ".pyo", ".so", ".pyd"}:
+            continue
+        path = Path(str(f.locate()))
+        if path.is_file() and not path.is_symlink():
+            files[rel.as_posix()] = path
+    if not files:
+        raise SourceError(f"source {name!r}: distribution {dist!r} has no files to snapshot")
+    return files, d.version
+
+
+def _dir_files(src: Path) -> dict[str, Path]:
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d != ".git")
+        for fn in filenames:
+            p = Path(dirpath, fn)
+            if p.is_file() and not p.is_symlink():
+                files[p.relative_to(src).as_posix()] = p
+    return files
+
+
+def _snapshot(dest: Path, files: dict[str, Path], message: str) -> str:
+    """Mirror `files` into the work tree of `dest` and commit if anything changed."""
+    repo = git.Repo(dest) if (dest / ".git").is_dir() else git.Repo.init(dest)
+    for child in dest.iterdir():
+        if child.name != ".git":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for rel, path in sorted(files.items()):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    _git(repo, "add", "--all", "--force", ".")
+    if repo.head.is_valid() and not _git(repo, "status", "--porcelain"):
+        return repo.head.commit.hexsha
+    env = {
+        **GIT_ENV,
+        "GIT_AUTHOR_NAME": SNAPSHOT_IDENTITY["name"],
+        "GIT_AUTHOR_EMAIL": SNAPSHOT_IDENTITY["email"],
+        "GIT_COMMITTER_NAME": SNAPSHOT_IDENTITY["name"],
+        "GIT_COMMITTER_EMAIL": SNAPSHOT_IDENTITY["email"],
+        "GIT_AUTHOR_DATE": SNAPSHOT_DATE,
+        "GIT_COMMITTER_DATE": SNAPSHOT_DATE,
+    }
+    repo.git.execute(
+        ["git", *SAFE_GIT_CONFIG, "commit", "--quiet", "--no-verify", "--allow-empty", "-m", message],
+        env=env,
+    )
+    return repo.head.commit.hexsha

@@ -1,0 +1,196 @@
+"""The assistant's tools. The same code writes tool results into examples and runs the
+model's tool calls in evaluation, so a training example can never show output the tool
+would not give."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+MAX_GREP_MATCHES = 50
+MAX_LINE_CHARS = 200
+MAX_READ_LINES = 200
+MAX_FILE_BYTES = 1_000_000
+
+TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
+    {
+        "type": "function",
+        "function": {
+            "name": "grep",
+            "description": "Search files in the repository for a Python regular expression. "
+            "Returns matching lines as path:line:text, sorted by path and line.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "pattern": {"type": "string", "description": "Python regular expression."},
+                    "path": {
+                        "type": "string",
+                        "description": "File or directory to search, relative to the "
+                        "repository root. Default: the whole repository.",
+                    },
+                    "glob": {
+                        "type": "string",
+                        "description": "Only search files whose name matches this glob, "
+                        "e.g. '*.py'.",
+                    },
+                },
+                "required": ["pattern"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read lines of a file in the repository, each prefixed with "
+            "its line number.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "description": "Path relative to the root."},
+                    "start_line": {"type": "integer", "description": "First line, 1-based."},
+                    "end_line": {"type": "integer", "description": "Last line, inclusive."},
+                },
+                "required": ["path"],
+            },
+        },
+    },
+)
+TOOL_NAMES = frozenset(t["function"]["name"] for t in TOOL_SCHEMAS)
+
+
+class ToolError(ValueError):
+    """A tool call the tool refuses (bad path, bad pattern); its text is the tool result."""
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    """Resolve `rel` inside `root`; refuse anything that leaves it, symlinks included."""
+    if not isinstance(rel, str):
+        raise ToolError(f"path must be a string, got {type(rel).__name__}")
+    if os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise ToolError(f"path {rel!r} is outside the repository")
+    root = root.resolve()
+    target = (root / rel).resolve()
+    if target != root and root not in target.parents:
+        raise ToolError(f"path {rel!r} is outside the repository")
+    return target
+
+
+def _text_lines(file: Path) -> list[str] | None:
+    """The file's lines, or None for what a code search skips: binary, non-UTF-8, huge."""
+    try:
+        if file.stat().st_size > MAX_FILE_BYTES:
+            return None
+        data = file.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in data[:8192]:
+        return None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return None
+
+
+def _walk(root: Path, start: Path, glob: str | None) -> list[Path]:
+    """Regular files under `start` (never via a symlink), sorted by relative path."""
+    if start.is_file():
+        files = [start]
+    else:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            for name in filenames:
+                p = Path(dirpath, name)
+                if not p.is_symlink() and p.is_file():
+                    files.append(p)
+    if glob:
+        files = [f for f in files if fnmatch.fnmatch(f.name, glob)]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str | None = None) -> str:
+    """Lines matching `pattern` under `path`, as `path:line:text`."""
+    root_p = Path(root).resolve()
+    try:
+        regex = re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise ToolError(f"invalid pattern {pattern!r}: {exc}") from None
+    start = _resolve(root_p, path or ".")
+    if not start.exists():
+        raise ToolError(f"no such file or directory: {path}")
+    if start.is_symlink():
+        raise ToolError(f"path {path!r} is a symlink")
+    hits: list[str] = []
+    total = 0
+    for file in _walk(root_p, start, glob):
+        lines = _text_lines(file)
+        if lines is None:
+            continue
+        rel = file.relative_to(root_p).as_posix()
+        for n, line in enumerate(lines, 1):
+            if regex.search(line):
+                total += 1
+                if len(hits) < MAX_GREP_MATCHES:
+                    hits.append(f"{rel}:{n}:{line[:MAX_LINE_CHARS]}")
+    if not hits:
+        return "No matches."
+    if total > len(hits):
+        hits.append(f"... {total - len(hits)} more matches not shown")
+    return "\n".join(hits)
+
+
+def read_file(
+    root: str | os.PathLike[str], path: str, start_line: int = 1, end_line: int | None = None
+) -> str:
+    """Lines `start_line..end_line` of `path`, each as `N: text`."""
+    root_p = Path(root).resolve()
+    file = _resolve(root_p, path)
+    if (root_p / path).is_symlink():
+        raise ToolError(f"path {path!r} is a symlink")
+    if not file.is_file():
+        raise ToolError(f"no such file: {path}")
+    lines = _text_lines(file)
+    if lines is None:
+        raise ToolError(f"{path} is binary, not UTF-8, or too large to read")
+    if not isinstance(start_line, int) or start_line < 1:
+        raise ToolError(f"start_line must be a positive integer, got {start_line!r}")
+    last = len(lines) if end_line is None else end_line
+    if not isinstance(last, int) or last < start_line:
+        raise ToolError(f"end_line must be an integer >= start_line, got {end_line!r}")
+    if start_line > len(lines):
+        raise ToolError(f"{path} has only {len(lines)} lines")
+    last = min(last, len(lines), start_line + MAX_READ_LINES - 1)
+    return "\n".join(f"{n}: {lines[n - 1]}" for n in range(start_line, last + 1))
+
+
+def execute(root: str | os.PathLike[str], name: str, arguments: dict[str, Any] | str) -> str:
+    """Run one tool call as the model wrote it; refusals come back as `error: ...` text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            return f"error: arguments are not valid JSON: {exc}"
+    if not isinstance(arguments, dict):
+        return "error: arguments must be a JSON object"
+    try:
+        if name == "grep":
+            allowed = {"pattern", "path", "glob"}
+            fn = grep
+        elif name == "read_file":
+            allowed = {"path", "start_line", "end_line"}
+            fn = read_file
+        else:
+            return f"error: unknown tool {name!r}"
+        extra = set(arguments) - allowed
+        if extra:
+            return f"error: unexpected arguments {sorted(extra)} for {name}"
+        return fn(root, **arguments)
+    except ToolError as exc:
+        return f"error: {exc}"
+    except TypeError as exc:
+        return f"error: {exc}"

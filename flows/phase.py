@@ -1,0 +1,135 @@
+"""Phase flows: sources → symbols → examples → datasets (training joins later).
+
+`phase7` builds the datasets of its whole chain (phase5, phase6, phase7): the chain shares
+every per-source task, so one run does each repo's work once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_table_artifact
+
+from codeadapt import examples as ex_mod
+from codeadapt import extract, handwritten, html_domain
+from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
+from codeadapt.dataset import checkout_inputs
+from codeadapt.plan import source_quotas
+from codeadapt.records import Checkout, Example, SyncFailure
+from tasks import data as t
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
+    """Run the data stages for `phase` and every phase it extends; return their manifests."""
+    log = get_run_logger()
+    specs = settings.phase_sources(phase)
+    root = Path(settings.root)
+    repos = settings.resolve(settings.paths.repos)
+    names = list(specs)
+    futures = t.sync_repo.map(names, [specs[n] for n in names], unmapped(repos), unmapped(root))
+    checkouts: dict[str, Checkout] = {}
+    failures: dict[str, SyncFailure] = {}
+    for name, fut in zip(names, futures):
+        try:
+            checkouts[name] = fut.result()
+        except Exception as exc:  # the task's state holds it; other sources go on
+            failures[name] = t.failure_of(name, specs[name], exc)
+            log.error("source %s failed to sync: %s", name, exc)
+
+    quotas = source_quotas(settings)
+    limits = ex_mod.Limits(settings.limits.max_read_lines, settings.limits.max_grep_hits)
+    seed = str(settings.seed)
+    py = [c for c in checkouts.values() if c.generator == "python"]
+    html = [c for c in checkouts.values() if c.generator == "html"]
+    extractions = t.extract_repo.map(py, unmapped(settings.limits.max_file_bytes))
+    py_futs = t.make_examples.map(py, extractions, [quotas[c.name] for c in py],
+                                  unmapped(limits), unmapped(seed))
+    html_futs = t.html_examples.map(html, unmapped(seed))
+    hand_files = {g: [settings.resolve(f) for f in spec.handwritten] for g, spec in settings.groups.items()}
+    hand_futs = {f: t.load_handwritten.submit(f) for g in settings.phase_groups(phase)
+                 for f in hand_files[g]}
+
+    per_source: dict[str, list[Example]] = {}
+    stats: dict[str, dict[str, int]] = {}
+    for co, fut in [*zip(py, py_futs), *zip(html, html_futs)]:
+        try:
+            per_source[co.name], stats[co.name] = fut.result()
+            if co.generator == "python" and not stats[co.name].get("examples"):
+                log.warning("source %s yielded no examples (no usable .py files?)", co.name)
+        except Exception as exc:
+            failures[co.name] = SyncFailure(co.name, co.origin, f"example generation failed: {exc}")
+            log.error("source %s failed: %s", co.name, exc)
+    hand: dict[Path, list[Example]] = {f: fut.result() for f, fut in hand_futs.items()}
+    for name, fut in zip([c.name for c in py], extractions):
+        if fut.state.is_completed():
+            stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
+
+    manifests = {}
+    for p in settings.phase_chain(phase):
+        groups = settings.phase_groups(p)
+        members = [n for n in settings.phase_sources(p)]
+        items: list[Example] = [e for n in members for e in per_source.get(n, [])]
+        hand_used = [f for g in groups for f in hand_files.get(g, [])]
+        for f in hand_used:
+            items += hand.get(f, [])
+        inputs = {
+            "sources": checkout_inputs({n: checkouts[n] for n in members if n in checkouts}),
+            "failed_sources": {n: failures[n].error for n in members if n in failures},
+            "handwritten": {str(f.relative_to(root)): _file_sha(f) for f in hand_used},
+            "groups": {g: settings.groups[g].model_dump() for g in groups},
+            "limits": settings.limits.model_dump(),
+            "seed": settings.seed,
+            "versions": {"extractor": extract.EXTRACTOR_VERSION, "python": ex_mod.GENERATOR_VERSION,
+                         "html": html_domain.HTML_GENERATOR_VERSION,
+                         "handwritten": handwritten.HANDWRITTEN_VERSION},
+        }
+        out_dir = settings.resolve(settings.paths.data) / p
+        manifests[p] = t.build_dataset.with_options(task_run_name=f"build_dataset[{p}]")(
+            p, items, checkouts, out_dir, settings.split.model_dump(), inputs,
+            {n: stats[n] for n in members if n in stats})
+        _counts_artifact(p, manifests[p])
+    return manifests
+
+
+def _counts_artifact(phase: str, manifest: dict[str, Any]) -> None:
+    c = manifest["counts"]
+    rows = [{"source": s, **{k: v.get(k, 0) for k in ("train", "valid", "test")},
+             "total": sum(v.values())} for s, v in c["source_split"].items()]
+    rows.append({"source": "ALL", **{k: c["split"].get(k, 0) for k in ("train", "valid", "test")},
+                 "total": c["total"]})
+    failed = manifest["inputs"]["failed_sources"]
+    create_table_artifact(key=f"dataset-counts-{phase}", table=rows,
+                          description=f"{phase}: examples per source and split"
+                          + (f"; FAILED sources: {', '.join(failed)}" if failed else ""))
+
+
+def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None) -> dict[str, Any]:
+    settings = load_settings(config, profile=profile, overrides=overrides)
+    manifests = build_data(settings, phase)
+    return {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
+                "failed_sources": m["inputs"]["failed_sources"]} for p, m in manifests.items()}
+
+
+@flow(name="phase5", log_prints=True)
+def phase5(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    return run_phase("phase5", config, profile, overrides)
+
+
+@flow(name="phase6", log_prints=True)
+def phase6(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    return run_phase("phase6", config, profile, overrides)
+
+
+@flow(name="phase7", log_prints=True)
+def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    return run_phase("phase7", config, profile, overrides)
+
+
+PHASE_FLOWS = {"phase5": phase5, "phase6": phase6, "phase7": phase7}
