@@ -159,11 +159,11 @@ def read_file(
         raise ToolError(f"{path} is binary, not UTF-8, or too large to read")
     if not isinstance(start_line, int) or start_line < 1:
         raise ToolError(f"start_line must be a positive integer, got {start_line!r}")
+    if start_line > len(lines):
+        raise ToolError(f"{path} has only {len(lines)} lines")
     last = len(lines) if end_line is None else end_line
     if not isinstance(last, int) or last < start_line:
         raise ToolError(f"end_line must be an integer >= start_line, got {end_line!r}")
-    if start_line > len(lines):
-        raise ToolError(f"{path} has only {len(lines)} lines")
     last = min(last, len(lines), start_line + MAX_READ_LINES - 1)
     return "\n".join(f"{n}: {lines[n - 1]}" for n in range(start_line, last + 1))
 

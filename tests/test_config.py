@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from codeadapt.config import check_name, load_settings, parse_override
+from conftest import REPO_ROOT
+
+CONFIG = REPO_ROOT / "pipeline.toml"
+
+
+def test_shipped_config_phases_extend_each_other():
+    s = load_settings(CONFIG)
+    assert s.phase_chain("phase7") == ["phase5", "phase6", "phase7"]
+    p5, p6, p7 = (list(s.phase_sources(p)) for p in ("phase5", "phase6", "phase7"))
+    assert p5 == ["svcs"]
+    assert p6[:1] == p5 and len(p6) == 11
+    assert p7[: len(p6)] == p6 and p7[-1] == "html"
+
+
+def test_github_profile_uses_git_urls():
+    s = load_settings(CONFIG, profile="github")
+    srcs = s.phase_sources("phase6")
+    assert srcs["flask"].url == "https://github.com/pallets/flask.git"
+    assert {"svcs-di", "tdom-svcs"} <= set(s.phase_sources("phase5"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("limits.max_file_bytes='big'", "limits.max_file_bytes"),
+    ("groups.popular.budget.colour=1", "groups.popular.budget.colour"),
+    ("split.test=0.9", "split.test"),
+    ("unknown=1", "unknown"),
+])
+def test_bad_config_names_key_path(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_settings(CONFIG, overrides=[override])
+
+
+def test_unknown_profile_and_missing_file(tmp_path: Path):
+    with pytest.raises(ValueError, match="profile 'nope'"):
+        load_settings(CONFIG, profile="nope")
+    with pytest.raises(FileNotFoundError, match="nothere.toml"):
+        load_settings(tmp_path / "nothere.toml")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 80])
+def test_bad_source_names_rejected(name: str, tmp_path: Path):
+    with pytest.raises(ValueError, match="invalid"):
+        check_name(name)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[groups.g]\n[sources."{name}"]\nkind = "path"\npath = "x"\ngroup = "g"\n')
+    with pytest.raises(ValueError, match="invalid"):
+        load_settings(cfg)
+
+
+def test_override_values_are_toml():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=hello") == ("a", "hello")
+    assert parse_override('a=["x"]') == ("a", ["x"])

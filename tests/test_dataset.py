@@ -1,0 +1,110 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+from codeadapt import chat, tools
+from codeadapt.dataset import build_dataset, content_key, dedup, split_of
+from codeadapt.records import Checkout, Example
+from codeadapt.secrets import REDACTED, redact_text
+
+SPLIT = {"valid": 0.2, "test": 0.2, "salt": "s"}
+
+
+def checkout(root: Path, name: str = "src") -> Checkout:
+    return Checkout(name, "path", "x", "snapshot", "c0ffee", str(root), "g", "python")
+
+
+def grep_example(root: Path, pattern: str, path: str, source: str = "src", answer: str = "ok") -> Example:
+    args = {"pattern": pattern, "glob": "*.py"}
+    msgs = (chat.system(source), chat.user(f"find {pattern}"), chat.tool_call("call_1", "grep", args),
+            chat.tool_result("call_1", "grep", tools.grep(root, **args)), chat.assistant(answer))
+    return Example(msgs, chat.tool_schemas(), source, "c0ffee", path, 1, 1, "grep_class", "1")
+
+
+def test_split_is_a_pure_function_of_source_and_path():
+    assert split_of("a", "x.py", 0.1, 0.1, "s") == split_of("a", "x.py", 0.1, 0.1, "s")
+    got = Counter(split_of("a", f"f{i}.py", 0.1, 0.1, "s") for i in range(5000))
+    assert 400 < got["test"] < 600 and 400 < got["valid"] < 600
+    assert any(split_of("a", f"f{i}.py", 0.1, 0.1, "s") != split_of("a", f"f{i}.py", 0.1, 0.1, "t")
+               for i in range(20))
+
+
+def test_dedup_folds_whitespace_case_and_call_ids(tmp_path: Path):
+    (tmp_path / "a.py").write_text("class A: pass\n")
+    a = grep_example(tmp_path, "class A", "a.py", answer="Found  it")
+    b = grep_example(tmp_path, "class A", "a.py", answer="found it")
+    assert content_key(a) == content_key(b)
+    stats: Counter[str] = Counter()
+    assert [e for _, e in dedup([a, b], stats)] == [a] and stats["dropped_duplicate"] == 1
+
+
+def test_build_writes_splits_manifest_card_and_drops_bad_replays(tmp_path: Path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for i in range(30):
+        (repo / f"m{i}.py").write_text(f"class C{i}:\n    pass\n")
+    exs = [grep_example(repo, f"class C{i}\\b", f"m{i}.py") for i in range(30)]
+    forged = grep_example(repo, "class C1\\b", "m1.py", answer="forged")
+    forged = Example(forged.messages[:3] + (chat.tool_result("call_1", "grep", "m1.py:9:class C1:"),)
+                     + forged.messages[4:], *[getattr(forged, f) for f in
+                     ("tools", "source", "commit", "path", "start_line", "end_line", "kind", "generator_version")])
+    out = tmp_path / "data" / "p"
+    m = build_dataset("p", exs + [exs[0], forged], {"src": checkout(repo)}, out, SPLIT, {"sources": {}}, {})
+    assert m["stats"]["build"]["dropped_duplicate"] == 1
+    assert m["stats"]["build"]["dropped_replay_mismatch"] == 1
+    assert m["counts"]["total"] == 30
+    lines = {s: (out / f"{s}.jsonl").read_text().splitlines() for s in ("train", "valid", "test")}
+    assert sum(map(len, lines.values())) == 30 and all(lines.values())
+    for split, rows in lines.items():
+        for r in rows:
+            assert set(json.loads(r)) == {"messages", "tools"}
+    by_path = {}
+    for e in m["examples"]:
+        assert by_path.setdefault((e["source"], e["path"]), e["split"]) == e["split"]
+        assert e["split"] == split_of(e["source"], e["path"], 0.2, 0.2, "s")
+    assert "# Dataset card: p" in (out / "README.md").read_text()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_rebuild_replaces_atomically_and_keeps_old_on_failure(tmp_path: Path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("class A:\n    pass\n")
+    out = tmp_path / "p"
+    ex = grep_example(repo, "class A", "a.py")
+    build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {}}, {})
+    before = (out / "manifest.json").read_text()
+    import codeadapt.dataset as ds
+
+    def boom(m):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ds, "data_card", boom)
+    try:
+        build_dataset("p", [], {"src": checkout(repo)}, out, SPLIT, {"sources": {}}, {})
+    except RuntimeError:
+        pass
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_secrets_are_redacted_and_still_replay(tmp_path: Path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    key = "AKIA" + "IOSFODNN7EXAMPLE"
+    (repo / "conf.py").write_text(f'AWS_KEY = "{key}"\n')
+    ex = grep_example(repo, "AWS_KEY", "conf.py", answer=f"the key is {key}")
+    out = tmp_path / "p"
+    m = build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {}}, {})
+    text = "".join((out / f"{s}.jsonl").read_text() for s in ("train", "valid", "test"))
+    assert key not in text and REDACTED in text
+    assert m["counts"]["total"] == 1 and m["stats"]["build"]["secrets_redacted"] == 2
+
+
+def test_redact_private_key_block_and_tokens():
+    text = "a\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc\n-----END RSA PRIVATE KEY-----\nb"
+    out, n = redact_text(text)
+    assert out == f"a\n{REDACTED}\nb" and n >= 1
+    token = "ghp_" + "a" * 36
+    assert redact_text(f"t = '{token}'")[0] == f"t = '{REDACTED}'"
+    assert redact_text("def password(self): return self._pw")[1] == 0

@@ -1,0 +1,96 @@
+"""Real Git repos built here; each bad input gets a clear error naming it."""
+
+from pathlib import Path
+
+import pytest
+
+from codeadapt.config import SourceSpec
+from codeadapt.sources import SourceError, sync_source
+from conftest import commit_files, git, make_repo
+
+
+def spec(url: str, ref: str = "HEAD") -> SourceSpec:
+    return SourceSpec(kind="git", url=url, ref=ref, group="g")
+
+
+def test_git_source_pins_commit_and_refetches_only_when_ref_moves(tmp_path: Path):
+    upstream = tmp_path / "up"
+    first = make_repo(upstream, {"pkg/a.py": "def f():\n    pass\n"})
+    repos = tmp_path / "repos"
+    co = sync_source("up", spec(str(upstream), "main"), repos, tmp_path)
+    assert co.commit == first and (repos / "up" / "pkg" / "a.py").is_file()
+    assert git(repos / "up", "rev-parse", "HEAD") == first
+    # Unchanged ref: same commit, work tree untouched (a marker file survives).
+    (repos / "up" / "marker").write_text("x")
+    assert sync_source("up", spec(str(upstream), "main"), repos, tmp_path).commit == first
+    assert (repos / "up" / "marker").exists()
+    # Ref moved: checked out again at the new commit, clean.
+    second = commit_files(upstream, {"pkg/b.py": "X = 1\n"})
+    co2 = sync_source("up", spec(str(upstream), "main"), repos, tmp_path)
+    assert co2.commit == second != first
+    assert (repos / "up" / "pkg" / "b.py").is_file() and not (repos / "up" / "marker").exists()
+
+
+def test_git_source_by_tag_and_sha(tmp_path: Path):
+    upstream = tmp_path / "up"
+    first = make_repo(upstream, {"a.py": "A = 1\n"})
+    git(upstream, "tag", "v1")
+    commit_files(upstream, {"a.py": "A = 2\n"})
+    assert sync_source("t", spec(str(upstream), "v1"), tmp_path / "r", tmp_path).commit == first
+    assert sync_source("s", spec(str(upstream), first), tmp_path / "r", tmp_path).commit == first
+
+
+def test_hooks_never_run(tmp_path: Path):
+    upstream = tmp_path / "up"
+    make_repo(upstream, {"a.py": "A = 1\n"})
+    dest = tmp_path / "r" / "h"
+    dest.mkdir(parents=True)
+    git(dest, "init", "-q")
+    hook = dest / ".git" / "hooks" / "post-checkout"
+    hook.write_text(f"#!/bin/sh\ntouch {tmp_path}/hook-ran\n")
+    hook.chmod(0o755)
+    sync_source("h", spec(str(upstream), "main"), tmp_path / "r", tmp_path)
+    assert not (tmp_path / "hook-ran").exists()
+
+
+def test_unreachable_url(tmp_path: Path):
+    with pytest.raises(SourceError, match=r"'gone'.*cannot reach .*does-not-exist"):
+        sync_source("gone", spec(str(tmp_path / "does-not-exist")), tmp_path / "r", tmp_path)
+
+
+def test_missing_ref(tmp_path: Path):
+    make_repo(tmp_path / "up", {"a.py": "A = 1\n"})
+    with pytest.raises(SourceError, match=r"ref 'no-such-branch' not found"):
+        sync_source("up", spec(str(tmp_path / "up"), "no-such-branch"), tmp_path / "r", tmp_path)
+
+
+def test_empty_repo(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    git(tmp_path / "empty", "init", "-q")
+    with pytest.raises(SourceError, match=r"'empty'.*is empty"):
+        sync_source("empty", spec(str(tmp_path / "empty")), tmp_path / "r", tmp_path)
+
+
+def test_name_escaping_repos_dir_is_rejected(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"invalid source name '\.\./x'"):
+        sync_source("../x", spec(str(tmp_path)), tmp_path / "r", tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+def test_installed_snapshot_is_content_addressed(tmp_path: Path):
+    s = SourceSpec(kind="installed", dist="svcs", group="g")
+    a = sync_source("svcs", s, tmp_path / "a", tmp_path)
+    b = sync_source("svcs", s, tmp_path / "b", tmp_path)
+    again = sync_source("svcs", s, tmp_path / "a", tmp_path)
+    assert a.commit == b.commit == again.commit
+    assert (Path(a.path) / "svcs" / "_core.py").is_file()
+    assert not list(Path(a.path).rglob("*.dist-info"))
+    assert a.origin.startswith("svcs==")
+    assert "snapshot of svcs" in git(Path(a.path), "log", "-1", "--format=%s")
+
+
+def test_missing_distribution_and_directory(tmp_path: Path):
+    with pytest.raises(SourceError, match="'nope'.*not installed"):
+        sync_source("nope", SourceSpec(kind="installed", dist="no-such-dist-xyz", group="g"), tmp_path, tmp_path)
+    with pytest.raises(SourceError, match="does not exist"):
+        sync_source("d", SourceSpec(kind="path", path="missing-dir", group="g"), tmp_path / "r", tmp_path)

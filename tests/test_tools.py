@@ -1,0 +1,73 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from codeadapt import tools
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("class A:\n    pass\n\nasync def run():\n    return 1\n")
+    (tmp_path / "pkg" / "b.py").write_text("from pkg.a import A\n\nclass B(A):\n    pass\n")
+    (tmp_path / "notes.txt").write_text("class A is mentioned here\n")
+    (tmp_path / "bin.dat").write_bytes(b"class A\0\x01\x02")
+    (tmp_path / "latin.py").write_bytes("class \xe9A:\n".encode("latin-1"))
+    os.symlink("/etc/passwd", tmp_path / "passwd.py")
+    os.symlink("/etc", tmp_path / "etc")
+    return tmp_path
+
+
+def test_grep_sorted_with_glob(root: Path):
+    assert tools.grep(root, r"^class \w+", glob="*.py") == "pkg/a.py:1:class A:\npkg/b.py:3:class B(A):"
+    assert tools.grep(root, "class A").splitlines()[0] == "notes.txt:1:class A is mentioned here"
+
+
+def test_grep_path_and_no_matches(root: Path):
+    assert tools.grep(root, "async def", path="pkg/a.py") == "pkg/a.py:4:async def run():"
+    assert tools.grep(root, "zzz") == "No matches."
+
+
+def test_grep_never_reads_binary_non_utf8_or_symlinks(root: Path):
+    out = tools.grep(root, "root:|class")
+    assert "bin.dat" not in out and "latin.py" not in out and "passwd" not in out and "etc/" not in out
+
+
+def test_grep_truncates(tmp_path: Path):
+    (tmp_path / "x.py").write_text("x = 1\n" * (tools.MAX_GREP_MATCHES + 7))
+    lines = tools.grep(tmp_path, "x").splitlines()
+    assert len(lines) == tools.MAX_GREP_MATCHES + 1
+    assert lines[-1] == "... 7 more matches not shown"
+
+
+def test_read_file_numbers_lines(root: Path):
+    assert tools.read_file(root, "pkg/a.py", 4, 5) == "4: async def run():\n5:     return 1"
+    assert tools.read_file(root, "pkg/a.py", 4, 999).endswith("5:     return 1")
+
+
+@pytest.mark.parametrize("call, message", [
+    (("read_file", {"path": "../outside.py"}), "outside the repository"),
+    (("read_file", {"path": "/etc/passwd"}), "outside the repository"),
+    (("read_file", {"path": "passwd.py"}), "outside the repository"),
+    (("read_file", {"path": "etc/passwd"}), "outside the repository"),
+    (("read_file", {"path": "bin.dat"}), "binary"),
+    (("read_file", {"path": "pkg/a.py", "start_line": 0}), "start_line"),
+    (("read_file", {"path": "pkg/a.py", "start_line": 3, "end_line": 2}), "end_line"),
+    (("read_file", {"path": "pkg/a.py", "start_line": 50}), "only 5 lines"),
+    (("read_file", {"path": "nope.py"}), "no such file"),
+    (("grep", {"pattern": "("}), "invalid pattern"),
+    (("grep", {"pattern": "x", "path": "../"}), "outside"),
+    (("grep", {"pattern": "x", "flags": "i"}), "unexpected arguments"),
+    (("grep", {}), "pattern"),
+    (("search", {"q": "x"}), "unknown tool 'search'"),
+    (("grep", "not json"), "not valid JSON"),
+    (("grep", "[1]"), "JSON object"),
+])
+def test_execute_refuses_with_error_text(root: Path, call, message):
+    out = tools.execute(root, *call)
+    assert out.startswith("error:") and message in out
+
+
+def test_execute_accepts_json_string_arguments(root: Path):
+    assert tools.execute(root, "grep", '{"pattern": "^class B"}') == "pkg/b.py:3:class B(A):"
