@@ -5,6 +5,7 @@ would not give."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -83,9 +84,19 @@ def _resolve(root: Path, rel: str) -> Path:
 def _text_lines(file: Path) -> list[str] | None:
     """The file's lines, or None for what a code search skips: binary, non-UTF-8, huge."""
     try:
-        if file.stat().st_size > MAX_FILE_BYTES:
-            return None
-        data = file.read_bytes()
+        st = file.stat()
+    except OSError:
+        return None
+    if st.st_size > MAX_FILE_BYTES:
+        return None
+    return _decoded(str(file), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8192)
+def _decoded(file: str, mtime_ns: int, size: int) -> list[str] | None:
+    """Cached on (path, mtime, size): the generator and the replay grep the same trees often."""
+    try:
+        data = Path(file).read_bytes()
     except OSError:
         return None
     if b"\0" in data[:8192]:
@@ -93,6 +104,16 @@ def _text_lines(file: Path) -> list[str] | None:
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
+        return None
+
+
+def _prefilter(pattern: str) -> re.Pattern[str] | None:
+    """A whole-file regex that matches whenever some line does, to skip most files quickly."""
+    if any(tok in pattern for tok in ("\\A", "\\Z", "(?<", "(?m", "(?s")):
+        return None
+    try:
+        return re.compile(pattern, re.MULTILINE)
+    except re.error:
         return None
 
 
@@ -127,9 +148,12 @@ def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str 
         raise ToolError(f"path {path!r} is a symlink")
     hits: list[str] = []
     total = 0
+    quick = _prefilter(pattern)
     for file in _walk(root_p, start, glob):
         lines = _text_lines(file)
         if lines is None:
+            continue
+        if quick is not None and not quick.search("\n".join(lines)):
             continue
         rel = file.relative_to(root_p).as_posix()
         for n, line in enumerate(lines, 1):
