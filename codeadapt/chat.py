@@ -9,6 +9,7 @@ training and serving byte-identical; a string would be encoded twice in training
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from codeadapt import tools as tools_mod
@@ -94,3 +95,23 @@ def tool_calls_of(messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], 
         for call in m.get("tool_calls") or []:
             pairs.append((call, results.get(call.get("id"))))
     return pairs
+
+
+def replay_mismatches(messages: list[dict[str, Any]] | tuple[dict[str, Any], ...], root: Any,
+                      clean: Callable[[str], str] = lambda text: text) -> list[int]:
+    """Indices of tool messages whose content differs from `clean(rerun of their call)`."""
+    messages = list(messages)
+    position = {id(m): i for i, m in enumerate(messages)}
+    answered: set[int] = set()
+    bad: set[int] = set()
+    for call, result in tool_calls_of(messages):
+        if result is None:
+            continue
+        fn = call.get("function") or {}
+        i = position[id(result)]
+        answered.add(i)
+        if result.get("content") != clean(tools_mod.execute(root, fn.get("name", ""), fn.get("arguments", {}))):
+            bad.add(i)
+    # A result that answers no call can never replay.
+    bad.update(i for i, m in enumerate(messages) if m.get("role") == "tool" and i not in answered)
+    return sorted(bad)

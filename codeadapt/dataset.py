@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from codeadapt import tools
+from codeadapt import chat
 from codeadapt.records import Checkout, Example
 from codeadapt.secrets import redact, redact_text
 
@@ -49,21 +49,8 @@ def content_key(example: Example) -> str:
 
 
 def replay_mismatches(example: Example, root: Path | str) -> list[int]:
-    """Indices of tool messages whose content differs from re-running the (redacted) tool."""
-    calls = {}
-    bad = []
-    for i, m in enumerate(example.messages):
-        for c in m.get("tool_calls") or []:
-            calls[c["id"]] = c["function"]
-        if m.get("role") == "tool":
-            fn = calls.get(m.get("tool_call_id"))
-            if fn is None:
-                bad.append(i)
-                continue
-            out, _ = redact_text(tools.execute(root, fn["name"], fn["arguments"]))
-            if out != m.get("content"):
-                bad.append(i)
-    return bad
+    """Indices of tool messages that differ from re-running the tool (redacted as written)."""
+    return chat.replay_mismatches(example.messages, root, clean=lambda t: redact_text(t)[0])
 
 
 def prepare(examples: Iterable[Example], checkouts: dict[str, Checkout],

@@ -114,27 +114,6 @@ def load_handwritten(path: Path) -> list[Example]:
     return examples
 
 
-def replay_mismatches(example: Example, root: Path) -> list[int]:
-    """Indices of tool messages whose content differs from rerunning their call on `root`."""
-    messages = list(example.messages)
-    position = {id(m): i for i, m in enumerate(messages)}
-    answered: set[int] = set()
-    bad: set[int] = set()
-    for call, result in chat.tool_calls_of(messages):
-        if result is None:
-            continue
-        fn = call.get("function") or {}
-        i = position[id(result)]
-        answered.add(i)
-        if result.get("content") != tools.execute(
-            root, fn.get("name", ""), fn.get("arguments", {})
-        ):
-            bad.add(i)
-    # A result that answers no call can never replay.
-    bad.update(i for i, m in enumerate(messages) if m.get("role") == "tool" and i not in answered)
-    return sorted(bad)
-
-
 def refill_tool_results(record: dict[str, Any], root: Path) -> dict[str, Any]:
     """`record` with every tool result rerun on `root` and the current tool schemas.
 

@@ -7,6 +7,7 @@ every per-source task, so one run does each repo's work once.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,13 @@ def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
         except Exception as exc:
             failures[co.name] = SyncFailure(co.name, co.origin, f"example generation failed: {exc}")
             log.error("source %s failed: %s", co.name, exc)
-    hand: dict[Path, list[Example]] = {f: fut.result() for f, fut in hand_futs.items()}
+    hand: dict[Path, list[Example]] = {}
+    for f, fut in hand_futs.items():
+        try:
+            hand[f] = fut.result()
+        except Exception as exc:  # a malformed line names file:line; the rest still builds
+            failures[os.path.relpath(f, root)] = SyncFailure(str(f), str(f), str(exc))
+            log.error("hand-written set %s rejected: %s", f, exc)
     for name, fut in zip([c.name for c in py], extractions):
         if fut.state.is_completed():
             stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
@@ -77,12 +84,13 @@ def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
         members = [n for n in settings.phase_sources(p)]
         items: list[Example] = [e for n in members for e in per_source.get(n, [])]
         hand_used = [f for g in groups for f in hand_files.get(g, [])]
+        rel_hand = [os.path.relpath(f, root) for f in hand_used]
         for f in hand_used:
             items += hand.get(f, [])
         inputs = {
             "sources": checkout_inputs({n: checkouts[n] for n in members if n in checkouts}),
-            "failed_sources": {n: failures[n].error for n in members if n in failures},
-            "handwritten": {str(f.relative_to(root)): _file_sha(f) for f in hand_used},
+            "failed_sources": {n: failures[n].error for n in [*members, *rel_hand] if n in failures},
+            "handwritten": {r: _file_sha(f) for r, f in zip(rel_hand, hand_used)},
             "groups": {g: settings.groups[g].model_dump() for g in groups},
             "limits": settings.limits.model_dump(),
             "seed": settings.seed,

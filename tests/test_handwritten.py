@@ -18,8 +18,8 @@ from codeadapt.handwritten import (
     HANDWRITTEN_VERSION,
     load_handwritten,
     refill_tool_results,
-    replay_mismatches,
 )
+from codeadapt.dataset import replay_mismatches
 from codeadapt.records import Example
 
 REPO = Path(__file__).resolve().parents[1]
