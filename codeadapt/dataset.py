@@ -145,6 +145,7 @@ def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manif
     """Write everything into a temp dir beside `out_dir`, then swap it in."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published dataset is not
     try:
         for split in SPLITS:
             _write_jsonl(tmp / f"{split}.jsonl", rows[split])
@@ -178,7 +179,11 @@ def data_card(m: dict[str, Any]) -> str:
         ss = c["source_split"].get(name, {})
         src_rows.append((name, info.get("origin", ""), f"`{info.get('commit', '')[:12]}`",
                          *(ss.get(s, 0) for s in SPLITS)))
-    drops = {k: v for st in m["stats"].values() for k, v in st.items() if k.startswith(("dropped_", "short_"))}
+    drops: Counter[str] = Counter()
+    for st in m["stats"].values():
+        for k, v in st.items():
+            if v and any(w in k for w in ("dropped_", "short_", "syntax_errors")):
+                drops[k] += v
     return f"""# Dataset card: {m['phase']}
 
 Tool-use chat examples (`messages` + `tools`, OpenAI/HF convention, tool-call arguments as JSON
