@@ -27,6 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from codeadapt.config import load_settings
+
+    load_settings(args.config, profile=args.profile, overrides=args.overrides)  # fail before Prefect starts
     _prefect_env(args.config)
     from flows.phase import PHASE_FLOWS
 

@@ -102,9 +102,10 @@ class Settings(Strict):
 
     @field_validator("sources", "phases", "groups")
     @classmethod
-    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _names(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        what = {"sources": "source name", "phases": "phase name", "groups": "group name"}[info.field_name]
         for name in v:
-            check_name(name, "name")
+            check_name(name, what)
         return v
 
     @field_validator("profiles")

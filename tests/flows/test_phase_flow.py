@@ -1,0 +1,170 @@
+"""End to end: the phase flows on a real Prefect server, real Git, real tree-sitter."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from codeadapt.dataset import content_key, replay_mismatches
+from codeadapt.records import Example
+from conftest import REPO_ROOT, git, make_repo
+
+pytestmark = pytest.mark.slow
+PHASES = ("phase5", "phase6", "phase7")
+
+
+def rows(phase_dir: Path) -> list[tuple[dict, dict]]:
+    """(manifest entry, JSONL record) pairs for every example of a phase."""
+    m = json.loads((phase_dir / "manifest.json").read_text())
+    recs = {s: [json.loads(line) for line in (phase_dir / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "valid", "test")}
+    pos = {s: 0 for s in recs}
+    out = []
+    for e in m["examples"]:
+        out.append((e, recs[e["split"]][pos[e["split"]]]))
+        pos[e["split"]] += 1
+    assert all(pos[s] == len(recs[s]) for s in recs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(prefect_server, tmp_path_factory) -> Path:
+    from flows.phase import phase7
+
+    data = tmp_path_factory.mktemp("data")
+    result = phase7(config=str(REPO_ROOT / "pipeline.toml"),
+                    overrides=[f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'"])
+    assert set(result) == set(PHASES)
+    assert all(not r["failed_sources"] for r in result.values())
+    return data
+
+
+def test_phase7_builds_three_datasets_from_the_ten_projects(built: Path):
+    m = {p: json.loads((built / p / "manifest.json").read_text()) for p in PHASES}
+    assert set(m["phase5"]["counts"]["source"]) == {"svcs"}
+    ten = {"fastapi", "flask", "pytest", "typer", "click", "httpx", "starlette", "pydantic", "attrs", "structlog"}
+    assert set(m["phase6"]["counts"]["source"]) == ten | {"svcs"}
+    assert set(m["phase7"]["counts"]["source"]) == ten | {"svcs", "html"}
+    kinds = set(m["phase6"]["counts"]["kind"])
+    assert {"grep_class", "read_function", "direct_symbol", "handwritten_read"} <= kinds
+    assert m["phase7"]["counts"]["source"]["html"] >= 30
+    assert sum(v for k, v in m["phase6"]["counts"]["kind"].items() if k.startswith("grep")) >= 250
+    for p in PHASES:
+        assert (built / p / "README.md").read_text().startswith(f"# Dataset card: {p}")
+        for e in m[p]["examples"]:
+            assert e["commit"] == m[p]["inputs"]["sources"][e["source"]]["commit"]
+
+
+def test_every_tool_result_replays_identically(built: Path):
+    n = 0
+    for entry, rec in rows(built / "phase7"):
+        ex = Example(tuple(rec["messages"]), tuple(rec["tools"]), entry["source"], entry["commit"],
+                     entry["path"], entry["start_line"], entry["end_line"], entry["kind"], "")
+        assert replay_mismatches(ex, built / "repos" / entry["source"]) == [], entry
+        n += sum(m["role"] == "tool" for m in rec["messages"])
+    assert n > 500
+
+
+def test_splits_are_stable_across_phases_dedup_holds_and_files_do_not_leak(built: Path):
+    per = {p: {e["id"]: e["split"] for e, _ in rows(built / p)} for p in PHASES}
+    for older, newer in (("phase5", "phase6"), ("phase6", "phase7")):
+        assert per[older].items() <= per[newer].items()
+    for p in PHASES:
+        pairs = rows(built / p)
+        keys = [content_key(Example(tuple(r["messages"]), (), "", "", "", 0, 0, "", "")) for _, r in pairs]
+        assert len(keys) == len(set(keys))
+        group_split: dict[tuple[str, str], str] = {}
+        for e, _ in pairs:
+            assert group_split.setdefault((e["source"], e["path"]), e["split"]) == e["split"]
+
+
+def test_datasets_load_through_mlx_lm_with_a_chat_template(built: Path, tmp_path: Path):
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import load_dataset
+    from mlx_lm.utils import load_tokenizer
+
+    from codeadapt.base import TinyBaseArgs, make_tiny_base
+
+    corpus = [p.read_text() for p in sorted((built / "repos" / "flask").rglob("*.py"))[:8]]
+    base = make_tiny_base(tmp_path / "base", corpus, TinyBaseArgs(vocab_size=512, hidden_size=32,
+                          num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                          num_key_value_heads=1))
+    tok = load_tokenizer(base)
+    args = SimpleNamespace(data=str(built / "phase7"), train=True, test=True, mask_prompt=True,
+                           hf_dataset=False)
+    train, valid, test = load_dataset(args, tok)
+    assert len(train) > 500 and len(valid) > 0 and len(test) > 0
+    tokens, offset = train.process(train[0])
+    text = tok.decode(tokens)
+    assert "<tool_call>" in text or "<|im_start|>assistant" in text
+    assert 0 < offset < len(tokens)
+
+
+def test_bad_inputs_are_named_while_other_sources_finish(prefect_server, tmp_path: Path):
+    from flows.phase import phase5
+
+    good = tmp_path / "up" / "messy"
+    make_repo(good, {
+        "pkg/__init__.py": '"""A package."""\n',
+        "pkg/core.py": 'class Engine:\n    """Runs things for the messy test project."""\n\n    def start(self):\n        return 1\n',
+        "pkg/broken.py": "class Broken(:\n    def ok(self):\n        pass\ndef fine():\n    return 2\n",
+        "pkg/latin1.py": "name = '\xe9t\xe9'\n".encode("latin-1"),
+        "pkg/blob.py": b"\x00\x01\x02binary",
+        "pkg/huge.py": "x = 1\n" * (5 * 1024 * 1024 // 6 + 1),
+    })
+    os.symlink("/etc/passwd", good / "pkg" / "evil.py")
+    git(good, "add", "-A")
+    git(good, "commit", "-qm", "symlink")
+    make_repo(tmp_path / "up" / "nopy", {"README.md": "no python here\n"})
+    (tmp_path / "up" / "empty").mkdir()
+    git(tmp_path / "up" / "empty", "init", "-q")
+    bad_jsonl = tmp_path / "hand.jsonl"
+    bad_jsonl.write_text('{"messages": [}\n')
+    up = tmp_path / "up"
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f"""
+[paths]
+data = "{tmp_path / 'data'}"
+repos = "{tmp_path / 'data' / 'repos'}"
+[groups.g]
+budget = {{ grep = 4, read = 2, direct = 2 }}
+handwritten = ["{bad_jsonl}"]
+[phases.phase5]
+groups = ["g"]
+[sources]
+messy = {{ kind = "git", url = "{good}", ref = "main", group = "g" }}
+unreachable = {{ kind = "git", url = "{up / 'no-such-repo'}", group = "g" }}
+missingref = {{ kind = "git", url = "{good}", ref = "no-such-ref", group = "g" }}
+empty = {{ kind = "git", url = "{up / 'empty'}", group = "g" }}
+nopy = {{ kind = "git", url = "{up / 'nopy'}", ref = "main", group = "g" }}
+""")
+    result = phase5(config=str(cfg))["phase5"]
+    failed = result["failed_sources"]
+    assert set(failed) == {"unreachable", "missingref", "empty", os.path.relpath(bad_jsonl, tmp_path)}
+    assert "cannot reach" in failed["unreachable"] and "no-such-repo" in failed["unreachable"]
+    assert "ref 'no-such-ref' not found" in failed["missingref"]
+    assert "is empty" in failed["empty"]
+    assert f"{bad_jsonl}:1:" in failed[os.path.relpath(bad_jsonl, tmp_path)]
+    m = json.loads((tmp_path / "data" / "phase5" / "manifest.json").read_text())
+    assert m["counts"]["source"].get("messy", 0) > 0
+    assert "nopy" not in m["counts"]["source"] and m["stats"]["nopy"]["extract_files_seen"] == 0
+    st = m["stats"]["messy"]
+    assert st["extract_syntax_errors"] == 1 and st["extract_dropped_non_utf8"] == 1
+    assert st["extract_dropped_binary"] == 1 and st["extract_dropped_oversize"] == 1
+    assert st["extract_dropped_symlink"] == 1
+    text = "".join((tmp_path / "data" / "phase5" / f"{s}.jsonl").read_text() for s in ("train", "valid", "test"))
+    assert "root:x:0:0" not in text and "evil.py" not in text
+    assert {e["path"] for e in m["examples"]} <= {"pkg/core.py", "pkg/broken.py", "pkg/__init__.py"}
+
+
+def test_cli_rejects_a_source_name_that_escapes(tmp_path: Path, capsys):
+    from codeadapt.cli import main
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[groups.g]\n[phases.phase5]\ngroups=["g"]\n[sources."../x"]\nkind="path"\npath="."\ngroup="g"\n')
+    assert main(["run", "phase5", "--config", str(cfg)]) == 2
+    assert "invalid source name '../x'" in capsys.readouterr().err
