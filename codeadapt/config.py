@@ -39,7 +39,7 @@ class SourceSpec(Strict):
     generator: Literal["python", "html"] = Field("python", description="which example generator")
 
     @model_validator(mode="after")
-    def _needs_origin(self) -> "SourceSpec":
+    def _needs_origin(self) -> SourceSpec:
         need = {"git": "url", "installed": "dist", "path": "path"}[self.kind]
         if not getattr(self, need):
             raise ValueError(f"kind {self.kind!r} needs '{need}'")
@@ -117,7 +117,7 @@ class Settings(Strict):
         return v
 
     @model_validator(mode="after")
-    def _references(self) -> "Settings":
+    def _references(self) -> Settings:
         if self.profiles and self.profile not in self.profiles:
             raise ValueError(f"profile {self.profile!r} not in {sorted(self.profiles)}")
         for pname, phase in self.phases.items():

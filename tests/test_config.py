@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 from codeadapt.config import check_name, load_settings, parse_override
-from conftest import REPO_ROOT
 
 CONFIG = REPO_ROOT / "pipeline.toml"
 

@@ -55,7 +55,7 @@ def test_build_writes_splits_manifest_card_and_drops_bad_replays(tmp_path: Path)
     assert m["counts"]["total"] == 30
     lines = {s: (out / f"{s}.jsonl").read_text().splitlines() for s in ("train", "valid", "test")}
     assert sum(map(len, lines.values())) == 30 and all(lines.values())
-    for split, rows in lines.items():
+    for rows in lines.values():
         for r in rows:
             assert set(json.loads(r)) == {"messages", "tools"}
     by_path = {}

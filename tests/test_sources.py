@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import commit_files, git, make_repo
 
 from codeadapt.config import SourceSpec
 from codeadapt.sources import SourceError, sync_source
-from conftest import commit_files, git, make_repo
 
 
 def spec(url: str, ref: str = "HEAD") -> SourceSpec:

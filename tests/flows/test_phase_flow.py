@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, git, make_repo
 
 from codeadapt.dataset import content_key, replay_mismatches
 from codeadapt.records import Example
-from conftest import REPO_ROOT, git, make_repo
 
 pytestmark = pytest.mark.slow
 PHASES = ("phase5", "phase6", "phase7")
