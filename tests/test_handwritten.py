@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from codeadapt import chat, tools
+from codeadapt.dataset import replay_mismatches
 from codeadapt.handwritten import (
     HANDWRITTEN_KINDS,
     HANDWRITTEN_VERSION,
     load_handwritten,
     refill_tool_results,
 )
-from codeadapt.dataset import replay_mismatches
 from codeadapt.records import Example
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,176 @@
+"""Evaluation prompts: one per assistant turn of a dataset split or of the fixed set, with
+provenance and the checkout its tools run in; and the n-gram check that test questions did
+not leak into training."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from codeadapt import chat
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One assistant turn to predict, the conversation before it, and where it came from."""
+
+    id: str  # "<example id>#<message index>"
+    example_id: str
+    turn: int  # index of the predicted assistant message
+    messages: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...]
+    expected_name: str | None  # None: a direct answer is expected
+    expected_arguments: dict[str, Any] | None
+    expected_text: str
+    source: str
+    kind: str
+    root: str  # checkout the tools run in
+    held_out: bool = False  # its source was held out of training
+
+    @property
+    def expects_call(self) -> bool:
+        return self.expected_name is not None
+
+
+def prompts_of(record: dict[str, Any], example_id: str, source: str, kind: str, root: str,
+               held_out: bool = False) -> list[Prompt]:
+    """One Prompt per assistant message of a `{"messages", "tools"}` record."""
+    messages, tool_list = record["messages"], record.get("tools") or []
+    chat.validate_messages(messages, tool_list)
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        calls = m.get("tool_calls") or []
+        if len(calls) > 1:
+            raise ValueError(f"{example_id}: message {i} makes {len(calls)} calls; expected one")
+        fn = calls[0]["function"] if calls else None
+        out.append(Prompt(
+            id=f"{example_id}#{i}", example_id=example_id, turn=i, messages=tuple(messages[:i]),
+            tools=tuple(tool_list), expected_name=fn["name"] if fn else None,
+            expected_arguments=fn["arguments"] if fn else None, expected_text=m.get("content") or "",
+            source=source, kind=kind, root=root, held_out=held_out))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from None
+    return rows
+
+
+def split_records(data_dir: Path, split: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, manifest entry) pairs of one split file, checked against the manifest."""
+    data_dir = Path(data_dir)
+    for name in (f"{split}.jsonl", "manifest.json"):
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"{data_dir / name} does not exist; build the dataset first")
+    entries = [e for e in json.loads((data_dir / "manifest.json").read_text())["examples"]
+               if e["split"] == split]
+    rows = _read_jsonl(data_dir / f"{split}.jsonl")
+    if len(rows) != len(entries):
+        raise ValueError(f"{data_dir}: {split}.jsonl has {len(rows)} lines but the manifest "
+                         f"lists {len(entries)} {split} examples")
+    return list(zip(rows, entries))
+
+
+def prompts_from_split(data_dir: Path, split: str = "test", hold_out_sources: Iterable[str] = (),
+                       repos_dir: Path | None = None) -> list[Prompt]:
+    """Prompts for every assistant turn of `split`; plus, for `hold_out_sources` (kept out of
+    training), their examples from every split, marked `held_out`."""
+    data_dir = Path(data_dir)
+    repos = Path(repos_dir) if repos_dir is not None else data_dir.parent / "repos"
+    held = set(hold_out_sources)
+    manifest = json.loads((data_dir / "manifest.json").read_text()) if held else {}
+    unknown = held - {e["source"] for e in manifest.get("examples", [])}
+    if unknown:
+        raise ValueError(f"hold_out_sources {sorted(unknown)} have no examples in {data_dir}")
+    splits = [split] + sorted({e["split"] for e in manifest.get("examples", [])} - {split})
+    out: list[Prompt] = []
+    for s in splits:
+        for record, e in split_records(data_dir, s):
+            if s == split or e["source"] in held:
+                out += prompts_of(record, e["id"], e["source"], e["kind"],
+                                  str(repos / e["source"]), e["source"] in held)
+    return out
+
+
+def load_fixed_set(path: Path, repos_dir: Path) -> list[Prompt]:
+    """Prompts of a fixed set: `{"messages", "tools", "meta": {"id", "source", "kind", ...}}`."""
+    path = Path(path)
+    out: list[Prompt] = []
+    for lineno, record in enumerate(_read_jsonl(path), 1):
+        meta = record.get("meta") or {}
+        if not all(isinstance(meta.get(k), str) and meta[k] for k in ("id", "source", "kind")):
+            raise ValueError(f"{path}:{lineno}: meta needs string id, source and kind, got {meta!r}")
+        try:
+            out += prompts_of(record, meta["id"], meta["source"], meta["kind"],
+                              str(Path(repos_dir) / meta["source"]))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _grams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    if len(words) < n:  # a short question can still be an exact duplicate
+        return {tuple(words)} if words else set()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def ngram_overlap(test_texts: Sequence[str], train_texts: Iterable[str], n: int = 8,
+                  max_train_count: int | None = None) -> dict[str, Any]:
+    """How many test texts share a word n-gram with any train text, and the largest share.
+
+    `max_train_count` drops n-grams found in more train texts than that: question templates.
+    """
+    counts: Counter[tuple[str, ...]] = Counter()
+    for t in train_texts:
+        counts.update(_grams(t, n))
+    seen = {g for g, c in counts.items() if max_train_count is None or c <= max_train_count}
+    hits, worst, samples = 0, 0.0, []
+    for t in test_texts:
+        g = _grams(t, n)
+        shared = len(g & seen)
+        if shared:
+            hits += 1
+            if len(samples) < 5:
+                samples.append(t)
+        worst = max(worst, shared / len(g) if g else 0.0)
+    total = len(test_texts)
+    return {"n": n, "test_texts": total, "contaminated": hits,
+            "fraction": hits / total if total else 0.0, "max_overlap": worst, "samples": samples}
+
+
+def check_contamination(test_texts: Sequence[str], train_texts: Iterable[str], threshold: float,
+                        n: int = 8, max_train_count: int | None = None) -> dict[str, Any]:
+    """ngram_overlap, raising ValueError when the contaminated fraction exceeds `threshold`."""
+    report = ngram_overlap(test_texts, train_texts, n, max_train_count)
+    if report["fraction"] > threshold:
+        raise ValueError(
+            f"CONTAMINATION: {report['contaminated']}/{report['test_texts']} test user turns "
+            f"({report['fraction']:.1%}) share a word {n}-gram with train, above the threshold "
+            f"{threshold:.1%}; e.g. {report['samples'][:3]}")
+    return report
+
+
+def user_texts(messages_lists: Iterable[Sequence[dict[str, Any]]]) -> list[str]:
+    """Distinct user turns of some conversations, in first-seen order."""
+    return list(dict.fromkeys(m["content"] for msgs in messages_lists for m in msgs
+                              if m.get("role") == "user"))

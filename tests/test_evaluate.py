@@ -1,0 +1,340 @@
+"""Parsing and scoring model output, Wilson intervals, and generation/evaluation plumbing on a
+micro random base (its output is garbage: it must score as invalid, not crash)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codeadapt import base, chat
+from codeadapt import evaluate as ev
+
+CALL = '<tool_call>\n{"name": "grep", "arguments": {"pattern": "^class Foo\\\\b", "glob": "*.py"}}\n</tool_call>'
+MICRO = base.TinyBaseArgs(vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                          num_attention_heads=2, num_key_value_heads=1,
+                          max_position_embeddings=2048)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("class Foo:\n    pass\n\n\nclass Bar(Foo):\n    x = 1\n")
+    (tmp_path / "pkg" / "b.txt").write_text("class Foo in a text file\n")
+    return tmp_path
+
+
+def _prompt(root: Path | str = "/nowhere", name: str | None = "grep",
+            arguments: dict[str, Any] | None = None) -> ev.Prompt:
+    if name and arguments is None:
+        arguments = {"pattern": "^class Foo\\b", "glob": "*.py"}
+    return ev.Prompt(id="x#2", example_id="x", turn=2,
+                     messages=(chat.system("pkg"), chat.user("Where is Foo?")),
+                     tools=tuple(chat.tool_schemas()), expected_name=name,
+                     expected_arguments=arguments if name else None,
+                     expected_text="" if name else "It is in pkg/a.py.", source="pkg",
+                     kind="grep_class", root=str(root))
+
+
+def _call(name: str, arguments: Any) -> str:
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+
+
+# ---- parse_output --------------------------------------------------------------------------
+
+
+def test_parses_a_well_formed_call() -> None:
+    p = ev.parse_output(CALL)
+    assert (p.format_valid, p.is_tool_call, p.name) == (True, True, "grep")
+    assert p.arguments == {"pattern": "^class Foo\\b", "glob": "*.py"}
+    assert not p.extra_text_after_call and not p.fabricated_response and not p.error
+
+
+@pytest.mark.parametrize(
+    "text, valid, is_call, error",
+    [
+        ("<tool_call>\nI would grep for Foo\n</tool_call>", False, True, "unparsable"),  # no JSON
+        ('<tool_call>\n{"name": "grep", "arguments": {"pattern": }\n</tool_call>', False, True,
+         "unparsable"),  # invalid JSON
+        ('<tool_call>\n{"name": "grep", "arguments": {"pattern": "x"}', False, True,
+         "truncated"),  # no closing tag
+        (_call("grep", '{"pattern": "x"}'), False, True, "must be a JSON object, got str"),
+        ('<tool_call>\n["grep", {"pattern": "x"}]\n</tool_call>', False, True, "string 'name'"),
+        ('<tool_call>\n{"arguments": {}}\n</tool_call>', False, True, "string 'name'"),
+        ("", False, False, "empty output"),
+        ("the answer </tool_call>", False, False, "stray"),
+    ],
+)
+def test_malformed_calls_are_invalid(text: str, valid: bool, is_call: bool, error: str) -> None:
+    p = ev.parse_output(text)
+    assert (p.format_valid, p.is_tool_call) == (valid, is_call)
+    assert error in p.error
+
+
+def test_extra_text_and_fabricated_response_are_recorded() -> None:
+    p = ev.parse_output(CALL + "\nI found it in a.py.")
+    assert p.format_valid and p.extra_text_after_call == "I found it in a.py."
+    p = ev.parse_output(CALL + "<|im_start|>user\n<tool_response>\na.py:1:class Foo:")
+    assert p.format_valid and p.fabricated_response and p.extra_text_after_call
+    p = ev.parse_output("Let me look.\n<tool_response>\nfake</tool_response>")
+    assert p.format_valid and not p.is_tool_call and p.fabricated_response
+
+
+def test_string_arguments_keep_the_name_for_diagnosis() -> None:
+    p = ev.parse_output(_call("read_file", '{"path": "a.py"}'))
+    assert (p.name, p.arguments) == ("read_file", '{"path": "a.py"}')
+
+
+def test_custom_markers_and_parser() -> None:
+    mk = ev.Markers("[CALL]", "[/CALL]", lambda text, tools: {"name": text.strip(), "arguments": {}})
+    p = ev.parse_output("[CALL] grep [/CALL]", mk)
+    assert (p.format_valid, p.name, p.arguments) == (True, "grep", {})
+
+
+# ---- score ---------------------------------------------------------------------------------
+
+
+def test_exact_call_is_correct_and_runs(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(CALL), repo)
+    assert s.correct and s.failure == ""
+    assert (s.format, s.decision, s.name, s.arguments, s.stop) == (True, True, True, True, True)
+    assert s.executed and s.exec_error is False and s.tool_output == "pkg/a.py:1:class Foo:"
+
+
+@pytest.mark.parametrize(
+    "expected, given",
+    [
+        ({"pattern": "x"}, {"pattern": "x", "path": ".", "glob": None}),
+        ({"pattern": "x", "path": "pkg"}, {"pattern": "x", "path": "./pkg/"}),
+        ({"pattern": "x", "glob": ""}, {"pattern": "x"}),
+    ],
+)
+def test_grep_defaults_are_normalised(expected: dict, given: dict) -> None:
+    s = ev.score(_prompt(arguments=expected), ev.parse_output(_call("grep", given)))
+    assert s.arguments and s.correct
+
+
+@pytest.mark.parametrize(
+    "given, ok",
+    [
+        ({"path": "pkg/a.py", "start_line": 1, "end_line": 2}, True),
+        ({"path": "pkg/a.py", "end_line": "2"}, True),  # start_line default, numeric string
+        ({"path": "pkg/a.py", "start_line": 1.0, "end_line": 2}, True),
+        ({"path": "pkg/a.py", "start_line": 1, "end_line": 3}, False),
+        ({"path": "pkg/a.py", "start_line": True, "end_line": 2}, False),
+        ({"path": "pkg/a.py", "end_line": 2, "extra": 1}, False),
+    ],
+)
+def test_read_file_normalisation(given: dict, ok: bool) -> None:
+    prompt = _prompt(name="read_file", arguments={"path": "pkg/a.py", "end_line": 2})
+    assert ev.score(prompt, ev.parse_output(_call("read_file", given))).arguments is ok
+
+
+def test_grep_patterns_with_identical_results_match(repo: Path) -> None:
+    prompt = _prompt(repo)
+    same = ev.parse_output(_call("grep", {"pattern": "class Foo:", "path": "pkg", "glob": "*.py"}))
+    s = ev.score(prompt, same, repo)
+    assert s.arguments and s.correct
+    # Without a checkout to run them on, only normalised equality counts.
+    assert ev.score(prompt, same, None).arguments is False
+    wider = ev.parse_output(_call("grep", {"pattern": "class Foo"}))  # also matches b.txt
+    assert ev.score(prompt, wider, repo).arguments is False
+
+
+def test_two_searches_that_find_nothing_do_not_match(repo: Path) -> None:
+    prompt = _prompt(repo, arguments={"pattern": "nothing_here"})
+    s = ev.score(prompt, ev.parse_output(_call("grep", {"pattern": "zzz"})), repo)
+    assert s.tool_output == "No matches." and s.arguments is False
+
+
+def test_wrong_tool(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(_call("read_file", {"path": "pkg/a.py"})), repo)
+    assert s.format and s.decision and s.name is False and not s.correct
+    assert s.failure == "name" and s.exec_error is False
+
+
+def test_call_to_a_tool_that_does_not_exist(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(_call("search", {"query": "Foo"})), repo)
+    assert s.format and s.name is False and s.arguments is False and not s.correct
+    assert s.executed and s.exec_error and s.tool_output == "error: unknown tool 'search'"
+
+
+def test_string_arguments_fail_format_and_arguments(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(_call("grep", '{"pattern": "^class Foo\\\\b"}')),
+                 repo)
+    assert s.format is False and s.name is True and s.arguments is False and s.failure == "format"
+
+
+def test_extra_text_after_call_fails_stop_only(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(CALL + " Done."), repo)
+    assert (s.format, s.name, s.arguments, s.stop, s.correct) == (True, True, True, False, False)
+    assert s.failure == "stop"
+
+
+def test_fabricated_tool_response_fails_stop(repo: Path) -> None:
+    text = CALL + "\n<tool_response>\npkg/a.py:1:class Foo:\n</tool_response>"
+    s = ev.score(_prompt(repo), ev.parse_output(text), repo)
+    assert s.stop is False and not s.correct
+
+
+def test_truncated_call_is_not_run(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(CALL[:-5]), repo)
+    assert s.format is False and s.decision and s.name is False and not s.executed
+
+
+def test_direct_answer_when_a_call_was_expected(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output("Foo is in pkg/a.py."), repo)
+    assert s.format and s.decision is False and s.name is False and s.failure == "decision"
+
+
+def test_call_when_a_direct_answer_was_expected(repo: Path) -> None:
+    s = ev.score(_prompt(repo, name=None), ev.parse_output(CALL), repo)
+    assert s.decision is False and s.name is None and s.arguments is None and not s.correct
+    assert s.executed  # still run, so its tool errors are counted
+
+
+def test_direct_answer_when_expected_is_correct(repo: Path) -> None:
+    s = ev.score(_prompt(repo, name=None), ev.parse_output("It is in pkg/a.py."), repo)
+    assert s.correct and not s.executed and s.exec_error is None
+
+
+def test_bad_regex_from_the_model_is_an_exec_error_not_a_crash(repo: Path) -> None:
+    # Regression: tools.grep lets OverflowError escape for huge repeat counts.
+    s = ev.score(_prompt(repo), ev.parse_output(_call("grep", {"pattern": "a{99999999999}"})), repo)
+    assert s.exec_error and s.tool_output.startswith("error:") and s.arguments is False
+
+
+# ---- statistics ----------------------------------------------------------------------------
+
+
+def test_wilson_interval() -> None:
+    lo, hi = ev.wilson(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    assert ev.wilson(0, 10)[0] == 0.0 and round(ev.wilson(0, 10)[1], 4) == 0.2775
+    assert ev.wilson(10, 10)[1] == 1.0 and round(ev.wilson(10, 10)[0], 4) == 0.7225
+    assert ev.wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="k=3, n=2"):
+        ev.wilson(3, 2)
+
+
+def test_summarize_counts_name_and_arguments_over_expected_calls(repo: Path) -> None:
+    scores = [ev.score(_prompt(repo), ev.parse_output(CALL), repo),
+              ev.score(_prompt(repo, name=None), ev.parse_output("answer"), repo),
+              ev.score(_prompt(repo), ev.parse_output("no call"), repo)]
+    m = ev.summarize(scores)
+    assert (m["correct"]["k"], m["correct"]["n"]) == (2, 3)
+    assert (m["name"]["k"], m["name"]["n"]) == (1, 2)
+    assert (m["executed_ok"]["k"], m["executed_ok"]["n"]) == (1, 1)
+    assert m["correct"]["lo"] < 2 / 3 < m["correct"]["hi"]
+
+
+# ---- generation and evaluate_model on a micro random base ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pkg = Path(importlib.util.find_spec("flask").origin).parent
+    corpus = [p.read_text("utf-8") for p in sorted(pkg.glob("*.py"))[:4]]
+    return base.make_tiny_base(tmp_path_factory.mktemp("base") / "micro", corpus, MICRO)
+
+
+@pytest.fixture(scope="module")
+def adapter(micro: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter dir as mlx-lm's trainer writes it, plus a checkpoint that must not count."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    out = tmp_path_factory.mktemp("adapter")
+    model, _ = mlx_lm.load(str(micro))
+    model.freeze()
+    params = {"rank": 4, "dropout": 0.0, "scale": 10.0}
+    linear_to_lora_layers(model, 2, params)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    mx.save_safetensors(str(out / "0000010_adapters.safetensors"), {**weights, "pad": mx.zeros(999)})
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}))
+    return out
+
+
+def _prompts(repo: Path, n: int) -> list[ev.Prompt]:
+    return [_prompt(repo) if i % 2 == 0 else _prompt(repo, name=None) for i in range(n)]
+
+
+def test_sequential_and_batched_generation(micro: Path, repo: Path) -> None:
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    ps = _prompts(repo, 3)
+    seq = ev.generate_outputs(model, tokenizer, ps, max_tokens=8, batch_size=1)
+    bat = ev.generate_outputs(model, tokenizer, ps, max_tokens=8, batch_size=4)
+    for g in (seq, bat):
+        assert len(g.texts) == 3 and all(isinstance(t, str) for t in g.texts)
+        assert all(0 <= n <= 8 for n in g.generated_tokens) and g.seconds > 0
+        assert set(g.finish_reasons) <= {"stop", "length"}
+        assert g.prompt_tokens == 3 * len(ev.prompt_ids(tokenizer, ps[0]))
+    assert seq.generated_tokens == bat.generated_tokens  # greedy: same lengths either way
+
+
+def test_evaluate_model_scores_garbage_as_invalid(micro: Path, adapter: Path, repo: Path) -> None:
+    spec = ev.EvalSpec(max_tokens=6, batch_size=2)
+    result = ev.evaluate_model(micro, adapter, _prompts(repo, 4), spec)
+    assert result["prompts"] == 4 and len(result["results"]) == 4
+    assert result["metrics"]["correct"]["k"] == 0 and result["metrics"]["correct"]["n"] == 4
+    assert result["metrics"]["name"]["n"] == 2
+    assert result["adapter_bytes"] == (adapter / "adapters.safetensors").stat().st_size
+    assert result["load_adapter_s"] > 0 and result["load_s"] >= result["load_model_s"]
+    assert result["gen_s_per_prompt"] > 0 and result["tokens_per_s"] > 0
+    first = result["results"][0]
+    assert first["expected"]["name"] == "grep" and first["score"]["correct"] is False
+    json.dumps(result)  # the whole result is JSON-serialisable
+
+
+def test_evaluate_model_uses_the_templates_parser(micro: Path, repo: Path) -> None:
+    # A fake generator that answers perfectly: everything must score correct.
+    def perfect(model: Any, tokenizer: Any, prompts: list, max_tokens: int, batch_size: int):
+        assert tokenizer.has_tool_calling
+        texts = [CALL if p.expects_call else "It is in pkg/a.py." for p in prompts]
+        n = len(prompts)
+        return ev.Generations(texts, ["stop"] * n, [10] * n, 100, 0.5)
+
+    result = ev.evaluate_model(micro, None, _prompts(repo, 4), ev.EvalSpec(), generate=perfect)
+    assert result["metrics"]["correct"] == {"k": 4, "n": 4, "accuracy": 1.0,
+                                            "lo": pytest.approx(0.5101, abs=1e-4), "hi": 1.0}
+    assert result["adapter_bytes"] is None and result["tokens_per_s"] == 80.0
+
+
+def test_evaluate_model_checks_inputs_before_loading(micro: Path, repo: Path,
+                                                     tmp_path: Path) -> None:
+    spec = ev.EvalSpec()
+    with pytest.raises(ValueError, match="no prompts"):
+        ev.evaluate_model(micro, None, [], spec)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ev.evaluate_model(tmp_path, None, _prompts(repo, 1), spec)
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors"):
+        ev.evaluate_model(micro, tmp_path, _prompts(repo, 1), spec)
+    with pytest.raises(FileNotFoundError, match="checkouts missing"):
+        ev.evaluate_model(micro, None, [_prompt("/no/such/checkout")], spec)
+
+
+def test_eval_spec_rejects_unknown_and_out_of_range() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        ev.EvalSpec(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ev.EvalSpec(temperature=0.7)
+
+
+def test_markers_come_from_mlx_lm_tool_parser(micro: Path) -> None:
+    import mlx_lm
+    from mlx_lm.tool_parsers import json_tools
+
+    _, tokenizer = mlx_lm.load(str(micro))
+    mk = ev.markers_of(tokenizer)
+    assert (mk.start, mk.end, mk.parser) == ("<tool_call>", "</tool_call>", json_tools.parse_tool_call)
+    assert ev.parse_output(CALL, tokenizer) == ev.parse_output(CALL)
+    assert ev.markers_of(None) == ev.Markers()

@@ -1,0 +1,138 @@
+"""Eval prompts from dataset splits and the fixed set; n-gram decontamination."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codeadapt import chat, prompts, sources
+from codeadapt.config import load_settings
+from codeadapt.handwritten import refill_tool_results
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = ROOT / "data" / "eval" / "fixed.jsonl"
+
+
+def _call_example(repo: str, question: str, pattern: str) -> dict[str, Any]:
+    return {"messages": [chat.system(repo), chat.user(question),
+                         chat.tool_call("call_1", "grep", {"pattern": pattern, "glob": "*.py"}),
+                         chat.tool_result("call_1", "grep", "a.py:1:class A:"),
+                         chat.assistant("`A` is in a.py, line 1.")],
+            "tools": list(chat.tool_schemas())}
+
+
+def _direct_example(repo: str, question: str) -> dict[str, Any]:
+    return {"messages": [chat.system(repo), chat.user(question), chat.assistant("It does X.")],
+            "tools": list(chat.tool_schemas())}
+
+
+def write_dataset(out: Path, rows: list[tuple[str, str, str, dict[str, Any]]]) -> Path:
+    """A phase dir like dataset.build_dataset writes: rows are (id, split, source, record)."""
+    out.mkdir(parents=True)
+    entries = []
+    for split in ("train", "valid", "test"):
+        with (out / f"{split}.jsonl").open("w") as fh:
+            for _, s, _, record in rows:
+                if s == split:
+                    fh.write(json.dumps(record) + "\n")
+    for ex_id, s, source, _ in rows:
+        entries.append({"id": ex_id, "split": s, "source": source, "commit": "c0ffee", "path": "a.py",
+                        "start_line": 1, "end_line": 1, "kind": "grep_class", "generator_version": "1"})
+    # Manifest entries interleave splits; each split file follows their order.
+    (out / "manifest.json").write_text(json.dumps({"examples": entries}))
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data" / "phase6", [
+        ("e1", "train", "flask", _call_example("flask", "Where is class `A` in flask?", "^class A")),
+        ("e2", "test", "flask", _call_example("flask", "Where is class `B` in flask?", "^class B")),
+        ("e3", "valid", "click", _direct_example("click", "What is click?")),
+        ("e4", "test", "click", _direct_example("click", "What does click.echo do?")),
+        ("e5", "train", "click", _direct_example("click", "What is click for?")),
+    ])
+
+
+def test_one_prompt_per_assistant_turn_with_provenance(dataset: Path) -> None:
+    ps = prompts.prompts_from_split(dataset, "test")
+    assert [p.id for p in ps] == ["e2#2", "e2#4", "e4#2"]
+    call, answer, direct = ps
+    assert call.expects_call and call.expected_name == "grep"
+    assert call.expected_arguments == {"pattern": "^class B", "glob": "*.py"}
+    assert [m["role"] for m in call.messages] == ["system", "user"]
+    assert [m["role"] for m in answer.messages] == ["system", "user", "assistant", "tool"]
+    assert not answer.expects_call and answer.expected_text == "`A` is in a.py, line 1."
+    assert (direct.source, direct.kind, direct.example_id) == ("click", "grep_class", "e4")
+    assert call.root == str(dataset.parent / "repos" / "flask")
+    assert not any(p.held_out for p in ps)
+
+
+def test_hold_out_sources_add_their_examples_from_every_split(dataset: Path, tmp_path: Path) -> None:
+    ps = prompts.prompts_from_split(dataset, "test", hold_out_sources=["click"], repos_dir=tmp_path)
+    assert [p.id for p in ps] == ["e2#2", "e2#4", "e4#2", "e5#2", "e3#2"]
+    assert [p.held_out for p in ps] == [False, False, True, True, True]
+    assert ps[0].root == str(tmp_path / "flask")
+    with pytest.raises(ValueError, match="nope"):
+        prompts.prompts_from_split(dataset, "test", hold_out_sources=["nope"])
+
+
+def test_split_file_and_manifest_must_agree(dataset: Path) -> None:
+    with (dataset / "test.jsonl").open("a") as fh:
+        fh.write(json.dumps(_direct_example("x", "extra?")) + "\n")
+    with pytest.raises(ValueError, match="3 lines but the manifest lists 2"):
+        prompts.prompts_from_split(dataset, "test")
+    with pytest.raises(FileNotFoundError, match="build the dataset"):
+        prompts.prompts_from_split(dataset.parent / "phase9", "test")
+
+
+def test_fixed_set_loads_and_covers_every_source() -> None:
+    ps = prompts.load_fixed_set(FIXED, Path("/nowhere"))
+    assert 20 <= len(ps) <= 32
+    settings = load_settings(ROOT / "pipeline.toml")
+    assert {p.source for p in ps} == set(settings.active_sources())
+    assert sum(p.expects_call for p in ps) >= 10 and sum(not p.expects_call for p in ps) >= 10
+    assert len({p.id for p in ps}) == len(ps)
+
+
+def test_fixed_set_tool_results_replay_on_the_offline_snapshots(tmp_path: Path) -> None:
+    # The yardstick's results must be what the tools give on data/repos/<source> (offline).
+    settings = load_settings(ROOT / "pipeline.toml")
+    for name, spec in settings.active_sources().items():
+        sources.sync_source(name, spec, tmp_path, ROOT)
+    for line in FIXED.read_text().splitlines():
+        record = json.loads(line)
+        assert refill_tool_results(record, tmp_path / record["meta"]["source"]) == record, (
+            record["meta"]["id"])
+
+
+def test_ngram_overlap_counts_shared_8grams_and_exact_short_duplicates() -> None:
+    train = ["I want to read the implementation of class `Foo` in flask.", "What is click?"]
+    test = ["I want to read the implementation of class `Bar` in pytest.",  # template 8-gram
+            "What is click?",  # shorter than n: counts only as an exact duplicate
+            "What is click for?",
+            "Where is Baz?"]
+    r = prompts.ngram_overlap(test, train, n=8)
+    assert (r["contaminated"], r["test_texts"]) == (2, 4)
+    assert r["fraction"] == 0.5 and r["max_overlap"] == 1.0
+    assert r["samples"] == test[:2]
+    # Template text found in more train turns than allowed is ignored.
+    r = prompts.ngram_overlap(test[:1], train * 1 + [train[0].replace("Foo", "Qux")], 8,
+                              max_train_count=1)
+    assert r["contaminated"] == 0
+
+
+def test_check_contamination_raises_loudly_above_threshold() -> None:
+    train = ["a b c d e f g h i", "x"]
+    test = ["a b c d e f g h z", "nothing in common here at all today ok"]
+    assert prompts.check_contamination(test, train, threshold=0.5)["fraction"] == 0.5
+    with pytest.raises(ValueError, match=r"CONTAMINATION: 1/2 test user turns \(50\.0%\)"):
+        prompts.check_contamination(test, train, threshold=0.4)
+
+
+def test_user_texts_are_distinct_in_order() -> None:
+    ex = _call_example("r", "q1?", "x")["messages"]
+    assert prompts.user_texts([ex, ex[:2], [chat.user("q2?")]]) == ["q1?", "q2?"]
