@@ -8,14 +8,19 @@ import fnmatch
 import functools
 import json
 import os
-import re
+import time
 from pathlib import Path
 from typing import Any
+
+# `regex` (re-compatible syntax) because its searches take a timeout: a model's pattern can
+# backtrack catastrophically, and evaluation runs the model's calls.
+import regex as re
 
 MAX_GREP_MATCHES = 50
 MAX_LINE_CHARS = 200
 MAX_READ_LINES = 200
 MAX_FILE_BYTES = 1_000_000
+GREP_TIMEOUT_S = 5.0
 
 TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
     {
@@ -72,7 +77,7 @@ def _resolve(root: Path, rel: str) -> Path:
     """Resolve `rel` inside `root`; refuse anything that leaves it, symlinks included."""
     if not isinstance(rel, str):
         raise ToolError(f"path must be a string, got {type(rel).__name__}")
-    if os.path.isabs(rel) or ".." in Path(rel).parts:
+    if "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         raise ToolError(f"path {rel!r} is outside the repository")
     root = root.resolve()
     target = (root / rel).resolve()
@@ -113,7 +118,7 @@ def _prefilter(pattern: str) -> re.Pattern[str] | None:
         return None
     try:
         return re.compile(pattern, re.MULTILINE)
-    except re.error:
+    except (re.error, OverflowError, ValueError):
         return None
 
 
@@ -134,13 +139,18 @@ def _walk(root: Path, start: Path, glob: str | None) -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
 def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str | None = None) -> str:
     """Lines matching `pattern` under `path`, as `path:line:text`."""
     root_p = Path(root).resolve()
     try:
         regex = re.compile(pattern)
-    except (re.error, TypeError) as exc:
+    except (re.error, TypeError, OverflowError, ValueError) as exc:
         raise ToolError(f"invalid pattern {pattern!r}: {exc}") from None
+    deadline = time.monotonic() + GREP_TIMEOUT_S
     start = _resolve(root_p, path or ".")
     if not start.exists():
         raise ToolError(f"no such file or directory: {path}")
@@ -153,14 +163,17 @@ def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str 
         lines = _text_lines(file)
         if lines is None:
             continue
-        if quick is not None and not quick.search("\n".join(lines)):
-            continue
+        try:
+            if quick is not None and not quick.search("\n".join(lines), timeout=_left(deadline)):
+                continue
+            matched = [n for n, line in enumerate(lines, 1) if regex.search(line, timeout=_left(deadline))]
+        except TimeoutError:
+            raise ToolError(f"pattern {pattern!r} took longer than {GREP_TIMEOUT_S:g} s") from None
         rel = file.relative_to(root_p).as_posix()
-        for n, line in enumerate(lines, 1):
-            if regex.search(line):
-                total += 1
-                if len(hits) < MAX_GREP_MATCHES:
-                    hits.append(f"{rel}:{n}:{line[:MAX_LINE_CHARS]}")
+        for n in matched:
+            total += 1
+            if len(hits) < MAX_GREP_MATCHES:
+                hits.append(f"{rel}:{n}:{lines[n - 1][:MAX_LINE_CHARS]}")
     if not hits:
         return "No matches."
     if total > len(hits):

@@ -71,3 +71,18 @@ def test_execute_refuses_with_error_text(root: Path, call, message):
 
 def test_execute_accepts_json_string_arguments(root: Path):
     assert tools.execute(root, "grep", '{"pattern": "^class B"}') == "pkg/b.py:3:class B(A):"
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"pattern": "a{99999999999}"}, "invalid pattern"),
+    ({"pattern": "(a|aa)+$", "path": "big.py"}, "took longer than"),
+])
+def test_hostile_patterns_end_as_tool_errors(tmp_path: Path, monkeypatch, args, message):
+    monkeypatch.setattr(tools, "GREP_TIMEOUT_S", 0.5)
+    (tmp_path / "big.py").write_text("a" * 40 + "!\n")
+    out = tools.execute(tmp_path, "grep", args)
+    assert out.startswith("error:") and message in out
+
+
+def test_null_byte_path_is_refused(tmp_path: Path):
+    assert "outside" in tools.execute(tmp_path, "read_file", {"path": "a\x00b"})
