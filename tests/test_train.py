@@ -1,0 +1,307 @@
+"""Training: the assistant-turn mask, LoRA and full runs, resume after SIGKILL, the BLAS worker.
+
+A micro base (2 layers, width 32) and a dozen short records keep every run to seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from codeadapt import base, chat, worker
+from codeadapt.train import (
+    DROPPED_TOO_LONG,
+    TrainSpec,
+    _open_work,
+    encode_record,
+    epoch_batches,
+    load_split,
+    plot_losses,
+    train_adapter,
+    train_in_worker,
+)
+
+MICRO = base.TinyBaseArgs(
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+)
+# Dropout > 0 so that resuming must restore the RNG key, not just weights and optimizer.
+SPEC = TrainSpec(iters=40, learning_rate=1e-3, batch_size=2, max_seq_length=512,
+                 lora_dropout=0.1, steps_per_report=5, steps_per_eval=20, save_every=10)
+
+
+def _record(i: int, long: bool = False) -> dict[str, Any]:
+    hits = "\n".join(f"src/app.py:{n}:def handler_{n}(request):" for n in range(40 if long else 1))
+    return {"messages": [
+        chat.system("flask"),
+        chat.user(f"Where is handler_{i} defined?"),
+        chat.tool_call(f"call_{i}", "grep", {"pattern": f"def handler_{i}\\b", "glob": "*.py"}),
+        chat.tool_result(f"call_{i}", "grep", hits),
+        chat.assistant(f"`handler_{i}` is defined in src/app.py at line {i}."),
+    ]}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def micro_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pkg = Path(importlib.util.find_spec("flask").origin).parent
+    corpus = [p.read_text("utf-8") for p in sorted(pkg.glob("*.py"))[:6]]
+    return base.make_tiny_base(tmp_path_factory.mktemp("base") / "micro", corpus, MICRO)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(micro_base: Path) -> Any:
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(micro_base)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("data") / "phase"
+    d.mkdir()
+    _write_jsonl(d / "train.jsonl", [_record(i) for i in range(9)] + [_record(99, long=True)])
+    _write_jsonl(d / "valid.jsonl", [_record(i) for i in range(20, 23)])
+    (d / "manifest.json").write_text('{"phase": "test"}\n')
+    return d
+
+
+@pytest.fixture(scope="module")
+def lora_run(micro_base: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """One uninterrupted in-process LoRA run, shared by several tests."""
+    events: list[dict[str, Any]] = []
+    out = tmp_path_factory.mktemp("adapters") / "lora"
+    metrics = train_adapter(micro_base, data_dir, out, SPEC, progress=events.append)
+    return out, metrics, events
+
+
+def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def test_mask_covers_exactly_the_assistant_turns(tokenizer: Any) -> None:
+    record = {"messages": [
+        chat.system("flask"),
+        chat.user("Where is the Flask class defined?"),
+        chat.tool_call("call_1", "grep", {"pattern": "^class Flask\\b", "glob": "*.py"}),
+        chat.tool_result("call_1", "grep", "src/flask/app.py:109:class Flask(App):"),
+        chat.tool_call("call_2", "read_file", {"path": "src/flask/app.py", "start_line": 109,
+                                               "end_line": 110}),
+        chat.tool_result("call_2", "read_file", "109\tclass Flask(App):\n110\t    pass"),
+        chat.assistant("`Flask` is defined in src/flask/app.py at line 109."),
+    ], "tools": list(chat.tool_schemas())}
+    enc = encode_record(tokenizer, record, "rec")
+    trained = [tokenizer.decode(enc.tokens[a:b].tolist()) for a, b in _spans(enc.mask)]
+    assert trained == [
+        '<tool_call>\n{"name": "grep", "arguments": {"pattern": "^class Flask\\\\b", '
+        '"glob": "*.py"}}\n</tool_call><|im_end|>\n',
+        '<tool_call>\n{"name": "read_file", "arguments": {"path": "src/flask/app.py", '
+        '"start_line": 109, "end_line": 110}}\n</tool_call><|im_end|>\n',
+        "`Flask` is defined in src/flask/app.py at line 109.<|im_end|>\n",
+    ]
+    rest = tokenizer.decode(enc.tokens[~enc.mask].tolist())
+    assert rest.endswith("<|im_start|>assistant\n") and "# Tools" in rest and "<tool_response>" in rest
+
+
+class _UnstableTemplate:
+    """Renders the generation prompt with a token the full conversation does not have."""
+
+    def apply_chat_template(self, msgs: list, add_generation_prompt: bool = False, **_: Any
+                            ) -> list[int]:
+        return [1] * (2 * len(msgs)) + ([7] if add_generation_prompt else [])
+
+
+def test_template_that_is_not_prefix_stable_fails_naming_the_record() -> None:
+    with pytest.raises(ValueError, match=r"train.jsonl:3: .*not .*token prefix.*turn 2"):
+        encode_record(_UnstableTemplate(), _record(0), "train.jsonl:3")
+
+
+def test_too_long_records_are_dropped_and_counted(tokenizer: Any, data_dir: Path) -> None:
+    kept, stats = load_split(data_dir / "train.jsonl", tokenizer, 512)
+    assert dict(stats) == {"total": 10, "kept": 9, DROPPED_TOO_LONG: 1}
+    assert all(len(e.tokens) <= 512 for e in kept)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch() -> None:
+    lengths = [10 + (7 * i) % 13 for i in range(11)]
+    first = epoch_batches(lengths, 2, seed=3, epoch=0)
+    assert first == epoch_batches(lengths, 2, seed=3, epoch=0)
+    assert first != epoch_batches(lengths, 2, seed=3, epoch=1)
+    assert first != epoch_batches(lengths, 2, seed=4, epoch=0)
+    flat = [j for b in first for j in b]
+    assert len(first) == 5 and all(len(b) == 2 for b in first) and len(set(flat)) == 10
+
+
+def test_spec_validation() -> None:
+    assert TrainSpec().max_seq_length >= 1024  # system + tools prompt is ~510 tokens
+    for bad in ({"lora_layers": 0}, {"save_every": 15, "steps_per_report": 10},
+                {"mode": "dora"}, {"batch_size": 0}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            TrainSpec(**bad)
+
+
+def test_stale_work_dir_from_other_arguments_is_discarded(tmp_path: Path) -> None:
+    work = tmp_path / ".out.work"
+    assert _open_work(work, {"spec": 1}) is None
+    (work / "ckpt-0000010").mkdir()
+    assert _open_work(work, {"spec": 1}) == work / "ckpt-0000010"
+    assert _open_work(work, {"spec": 2}) is None and not (work / "ckpt-0000010").exists()
+
+
+def test_lora_run_lowers_loss_publishes_and_loads(lora_run: tuple, micro_base: Path,
+                                                  tmp_path: Path) -> None:
+    import mlx.core as mx
+    import mlx_lm
+
+    out, metrics, events = lora_run
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "loss.png", "metrics.json"]
+    assert not list(out.parent.glob(".*"))  # no work or temp dirs left
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    train = [p["loss"] for p in metrics["train_losses"]]
+    assert [p["step"] for p in metrics["train_losses"]] == list(range(5, 41, 5))
+    assert train[-1] < train[0] - 1.0
+    assert [p["step"] for p in metrics["valid_losses"]] == [0, 20, 40]
+    assert metrics["final_valid_loss"] == metrics["valid_losses"][-1]["loss"]
+    assert metrics["final_valid_loss"] < metrics["valid_losses"][0]["loss"]
+    assert metrics[DROPPED_TOO_LONG] == 1 and metrics["examples"]["train"]["kept"] == 9
+    assert metrics["resumed_from"] == [] and metrics["trained_tokens"] > 0
+    assert metrics["tokens_per_sec"] > 0 and metrics["blas"]
+    assert metrics["data_manifest_sha256"] and metrics["base_weights_sha256"]
+    assert {e["step"] for e in events if "train_loss" in e} == set(range(5, 41, 5))
+    assert all(e["iters"] == 40 and e["tokens_per_sec"] > 0 for e in events if "train_loss" in e)
+    assert [e["step"] for e in events if "val_loss" in e] == [0, 20, 40]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["fine_tune_type"], config["num_layers"]) == ("lora", -1)
+
+    model, _ = mlx_lm.load(str(micro_base), adapter_path=str(out))
+    base_model, _ = mlx_lm.load(str(micro_base))
+    x = mx.array([[2, 40, 41, 42]])
+    assert not mx.allclose(model(x), base_model(x)).item()  # the adapter is applied
+    png = plot_losses(metrics, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stock_cli_generates_with_the_adapter(lora_run: tuple, micro_base: Path) -> None:
+    out = lora_run[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(micro_base),
+         "--adapter-path", str(out), "--prompt", "hi", "--max-tokens", "5"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(
+        lora_run: tuple, micro_base: Path, data_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+
+    baseline_out, baseline, _ = lora_run
+    # The same BLAS as the in-process baseline, so results can match exactly.
+    lib = baseline["blas"].partition("(")[2].rstrip(")")
+    monkeypatch.setenv(worker.BLAS_ENV, lib if lib.startswith("/") else "reference")
+    out = tmp_path / "lora"
+    work = tmp_path / ".lora.work"
+    payload = {"base_dir": str(micro_base), "data_dir": str(data_dir), "out_dir": str(out),
+               "spec": SPEC.model_dump()}
+    proc = subprocess.Popen([sys.executable, "-m", "codeadapt.worker"], env=worker.worker_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    proc.stdin.write(json.dumps({"kind": "train", "payload": payload}).encode())
+    proc.stdin.close()
+    deadline = time.monotonic() + 120
+    while not list(work.glob("ckpt-*")):
+        assert proc.poll() is None, "the worker ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    killed_at = int(sorted(work.glob("ckpt-*"))[-1].name.split("-")[1])
+    assert 0 < killed_at < SPEC.iters
+
+    metrics = worker.run_in_worker("train", payload)
+    assert metrics["resumed_from"] == [killed_at]
+    assert metrics["blas"] == baseline["blas"]
+    assert not work.exists()
+    assert metrics["train_losses"] == baseline["train_losses"]
+    assert metrics["valid_losses"] == baseline["valid_losses"]
+    resumed = mx.load(str(out / "adapters.safetensors"))
+    expected = mx.load(str(baseline_out / "adapters.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for name, w in expected.items():
+        assert mx.array_equal(resumed[name], w).item(), name
+
+
+def test_full_fine_tune_in_worker_writes_a_loadable_model(
+        micro_base: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+    import mlx_lm
+
+    monkeypatch.delenv(worker.BLAS_ENV, raising=False)
+    events: list[dict[str, Any]] = []
+    spec = TrainSpec(mode="full", iters=10, learning_rate=1e-3, batch_size=2,
+                     max_seq_length=512, steps_per_report=5, steps_per_eval=10, save_every=5)
+    metrics = train_in_worker(micro_base, data_dir, tmp_path / "full", spec, events.append)
+    if worker.OPENBLAS.exists():
+        assert metrics["blas"].startswith("openblas")
+    assert [e["step"] for e in events if "train_loss" in e] == [5, 10]
+    assert metrics["train_losses"][-1]["loss"] < metrics["train_losses"][0]["loss"]
+    names = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "metrics.json"} <= names and "adapter_config.json" not in names
+    model, tok = mlx_lm.load(str(tmp_path / "full"))
+    trained = mx.load(str(tmp_path / "full" / "model.safetensors"))
+    before = mx.load(str(micro_base / "model.safetensors"))
+    assert trained.keys() == before.keys()
+    assert not mx.array_equal(trained["model.norm.weight"], before["model.norm.weight"]).item()
+    assert tok.apply_chat_template([chat.user("hi")], add_generation_prompt=True)
+
+
+def test_worker_env_selects_blas(tmp_path: Path) -> None:
+    lib = tmp_path / "libblas.so.3"
+    lib.write_bytes(b"")
+    env = worker.worker_env({"LD_PRELOAD": "/x.so"}, openblas=lib)
+    assert env["LD_PRELOAD"] == f"{lib} /x.so" and env["DO_NOT_TRACK"] == "1"
+    assert "LD_PRELOAD" not in worker.worker_env({}, openblas=tmp_path / "missing.so")
+    assert "LD_PRELOAD" not in worker.worker_env({worker.BLAS_ENV: "reference"}, openblas=lib)
+    with pytest.raises(FileNotFoundError, match="CODEADAPT_BLAS"):
+        worker.worker_env({worker.BLAS_ENV: str(tmp_path / "nope.so")})
+
+
+@pytest.mark.parametrize("choice", ["auto", "reference"])
+def test_worker_reports_the_blas_it_loaded(choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if choice == "auto" and not worker.OPENBLAS.exists():
+        pytest.skip(f"{worker.OPENBLAS} not installed")
+    monkeypatch.setenv(worker.BLAS_ENV, choice)
+    blas = worker.run_in_worker("blas", {})["blas"]
+    assert blas.startswith("openblas" if choice == "auto" else "reference"), blas
+
+
+def test_worker_errors_raise_in_the_parent_with_the_child_traceback(tmp_path: Path) -> None:
+    payload = {"base_dir": str(tmp_path), "data_dir": str(tmp_path), "out_dir": str(tmp_path / "o")}
+    with pytest.raises(FileNotFoundError, match=r"(?s)config.json not found.*worker traceback.*"
+                                                r"in train_adapter"):
+        worker.run_in_worker("train", payload)
+    with pytest.raises(ValueError, match="unknown worker kind"):
+        worker.run_in_worker("nope", {})
