@@ -15,9 +15,8 @@ from typing import Any
 from codeadapt import tools as tools_mod
 
 SYSTEM_PROMPT = (
-    "You are a coding assistant working in a checkout of the {repo} repository. "
-    "Call the grep or read_file tool when the answer depends on the code; "
-    "answer directly when you already know. Only state what the tools showed."
+    "You are a coding assistant in the {repo} repository. Use grep or read_file when the "
+    "answer depends on the code, else answer directly. State only what tools showed."
 )
 
 

@@ -36,12 +36,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.phase not in PHASE_FLOWS:
         print(f"unknown phase {args.phase!r}; choose from {sorted(PHASE_FLOWS)}", file=sys.stderr)
         return 2
-    result = PHASE_FLOWS[args.phase](config=args.config, profile=args.profile, overrides=args.overrides)
+    result = PHASE_FLOWS[args.phase](config=args.config, profile=args.profile,
+                                     overrides=args.overrides, models=not args.data_only)
     print(json.dumps(result, indent=1))
-    failed = {n for r in result.values() for n in r["failed_sources"]}
+    failed = {n for k, r in result.items() if k != "models" for n in r["failed_sources"]}
     if failed:
         print(f"finished, but these sources failed: {', '.join(sorted(failed))}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_make_base(args: argparse.Namespace) -> int:
+    from codeadapt.config import load_settings
+
+    overrides = [*args.overrides, f"base.model={json.dumps(args.model)}"]
+    load_settings(args.config, profile=args.profile, overrides=overrides)
+    _prefect_env(args.config)
+    from flows.phase import base
+
+    print(base(config=args.config, profile=args.profile, overrides=overrides))
     return 0
 
 
@@ -60,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a phase flow (its whole chain) end to end")
     run.add_argument("phase", help="phase5, phase6 or phase7")
     _common(run)
+    run.add_argument("--data-only", action="store_true", help="build the datasets, skip base, training and eval")
     run.set_defaults(fn=cmd_run)
+    mb = sub.add_parser("make-base", help="build the base model: 'tiny' builds and pre-trains one offline")
+    mb.add_argument("model", nargs="?", default="tiny", help="'tiny' (default) or an mlx-lm model id / path")
+    _common(mb)
+    mb.set_defaults(fn=cmd_make_base)
     cfg = sub.add_parser("config", help="validate the config and list each phase's sources")
     _common(cfg)
     cfg.set_defaults(fn=cmd_config)

@@ -82,8 +82,87 @@ class PathSpec(Strict):
     adapters: str = "adapters"
 
 
+class TrainSpec(Strict):
+    """How to train: LoRA or full fine-tune, schedule, batch shape, cadence."""
+
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="lora: adapter on a frozen base; full: train the weights themselves")
+    lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank r")
+    lora_layers: int = Field(
+        -1, ge=-1, description="blocks adapted, counted from the top; -1 = all (full mode: "
+        "-1 also trains embeddings and norms, n trains only the top n blocks)")
+    lora_scale: float = Field(20.0, gt=0, le=1000, description="LoRA scale (peft alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    iters: int = Field(1000, ge=1, le=10_000_000, description="optimizer steps")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Adam learning rate")
+    batch_size: int = Field(4, ge=1, le=1024, description="records per step")
+    max_seq_length: int = Field(
+        2048, ge=64, le=1_048_576, description="longer records are dropped and counted")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds LoRA init, dropout and batch order")
+    steps_per_report: int = Field(10, ge=1, description="steps between train-loss reports")
+    steps_per_eval: int = Field(100, ge=1, description="steps between validation runs")
+    val_batches: int = Field(25, ge=-1, description="validation batches; -1 all, 0 none")
+    save_every: int = Field(100, ge=1, description="steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        if self.lora_layers == 0:
+            raise ValueError("lora_layers 0 trains nothing; use -1 for all layers")
+        if self.save_every % self.steps_per_report:
+            # A resumed run restarts mlx-lm's report window at the checkpoint.
+            raise ValueError(f"save_every {self.save_every} must be a multiple of "
+                             f"steps_per_report {self.steps_per_report}")
+        return self
+
+
+class EvalSpec(Strict):
+    """Held-out evaluation: prompts, generation limits, decontamination."""
+
+    max_tokens: int = Field(256, ge=1, le=4096, description="generation limit per prompt")
+    batch_size: int = Field(8, ge=1, le=256, description="1 = sequential stream_generate")
+    run_tools: bool = Field(True, description="execute calls on the checkouts (grep equivalence)")
+    ngram: int = Field(8, ge=1, le=64, description="word n-gram size for decontamination")
+    # Question templates alone share 8-grams: phase7 test vs train measured 12.9%, phase6 6.1%.
+    max_contamination: float = Field(
+        0.2, ge=0, le=1, description="fail when more test user turns share an n-gram with train"
+    )
+    max_train_count: int | None = Field(
+        None, ge=1, description="ignore n-grams in more train turns than this (template text)"
+    )
+    split: Literal["test", "valid"] = Field("test", description="held-out split to score")
+    fixed_set: str | None = Field("data/eval/fixed.jsonl", description="fixed prompts for every phase")
+    hold_out_sources: list[str] = Field(default_factory=list, description="sources kept out of training")
+
+
+class PretrainSpec(TrainSpec):
+    """Pre-training of the tiny base: a full fine-tune unless said otherwise."""
+
+    mode: Literal["lora", "full"] = Field("full", description="full: train every weight")
+
+
+class BaseSpec(Strict):
+    """The base model: an mlx-lm id or path, or "tiny" (built and pre-trained offline)."""
+
+    model: str = Field("tiny", description='"tiny", a local model dir, or an mlx-lm/HF model id')
+    corpus_phase: str = Field("base", description="phase whose train split pre-trains the tiny base")
+    tiny: dict[str, int | float | bool] = Field(default_factory=dict, description="TinyBaseArgs fields")
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+
+    @field_validator("tiny")
+    @classmethod
+    def _tiny_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from codeadapt.base import TinyBaseArgs
+
+        try:
+            TinyBaseArgs(**v)
+        except TypeError as exc:
+            raise ValueError(str(exc).replace("__init__()", "TinyBaseArgs")) from None
+        return v
+
+
 class ProfileSpec(Strict):
     sources: dict[str, SourceSpec] = Field(default_factory=dict)
+    base_model: str | None = Field(None, description="overrides base.model in this profile")
 
 
 class Settings(Strict):
@@ -98,6 +177,9 @@ class Settings(Strict):
     phases: dict[str, PhaseSpec] = Field(default_factory=dict)
     sources: dict[str, SourceSpec] = Field(default_factory=dict, description="in every profile")
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     root: str = Field(".", description="directory relative paths are resolved against")
 
     @field_validator("sources", "phases", "groups")
@@ -131,6 +213,10 @@ class Settings(Strict):
             if src.group not in self.groups:
                 raise ValueError(f"sources.{sname}.group: unknown group {src.group!r}")
         return self
+
+    def base_model(self) -> str:
+        prof = self.profiles.get(self.profile)
+        return (prof.base_model if prof and prof.base_model else None) or self.base.model
 
     def active_sources(self) -> dict[str, SourceSpec]:
         """Common sources overlaid with the active profile's."""

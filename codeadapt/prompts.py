@@ -174,3 +174,12 @@ def user_texts(messages_lists: Iterable[Sequence[dict[str, Any]]]) -> list[str]:
     """Distinct user turns of some conversations, in first-seen order."""
     return list(dict.fromkeys(m["content"] for msgs in messages_lists for m in msgs
                               if m.get("role") == "user"))
+
+
+def collect_prompts(data_dir: Path, repos_dir: Path, split: str, hold_out_sources: Iterable[str],
+                    fixed_set: Path | None) -> list[Prompt]:
+    """Every prompt an evaluation scores: the held-out split plus the fixed set, if any."""
+    prompts = prompts_from_split(data_dir, split, hold_out_sources, repos_dir)
+    if fixed_set is not None:
+        prompts += load_fixed_set(fixed_set, repos_dir)
+    return prompts

@@ -22,27 +22,20 @@ MAX_READ_LINES = 200
 MAX_FILE_BYTES = 1_000_000
 GREP_TIMEOUT_S = 5.0
 
+# Short descriptions on purpose: the schemas are in every prompt, and on a small model every
+# prompt token costs training and evaluation time.
 TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
     {
         "type": "function",
         "function": {
             "name": "grep",
-            "description": "Search files in the repository for a Python regular expression. "
-            "Returns matching lines as path:line:text, sorted by path and line.",
+            "description": "Regex search in the repository; prints path:line:text per match.",
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "pattern": {"type": "string", "description": "Python regular expression."},
-                    "path": {
-                        "type": "string",
-                        "description": "File or directory to search, relative to the "
-                        "repository root. Default: the whole repository.",
-                    },
-                    "glob": {
-                        "type": "string",
-                        "description": "Only search files whose name matches this glob, "
-                        "e.g. '*.py'.",
-                    },
+                    "pattern": {"type": "string", "description": "Python regex"},
+                    "path": {"type": "string", "description": "file or directory; default: all"},
+                    "glob": {"type": "string", "description": "file name filter, e.g. *.py"},
                 },
                 "required": ["pattern"],
             },
@@ -52,14 +45,13 @@ TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
         "type": "function",
         "function": {
             "name": "read_file",
-            "description": "Read lines of a file in the repository, each prefixed with "
-            "its line number.",
+            "description": "Print numbered lines of a file.",
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "path": {"type": "string", "description": "Path relative to the root."},
-                    "start_line": {"type": "integer", "description": "First line, 1-based."},
-                    "end_line": {"type": "integer", "description": "Last line, inclusive."},
+                    "path": {"type": "string", "description": "relative path"},
+                    "start_line": {"type": "integer", "description": "first line, 1-based"},
+                    "end_line": {"type": "integer", "description": "last line, inclusive"},
                 },
                 "required": ["path"],
             },

@@ -18,12 +18,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
-from codeadapt.config import Strict
+from codeadapt.config import TrainSpec
 
 TRAIN_VERSION = "1"  # bump when checkpoints or outputs for the same inputs change
 PAD_TO = 32  # batch widths are 1 + a multiple of this, like mlx-lm, so compiled shapes repeat
@@ -32,39 +31,6 @@ DROPPED_TOO_LONG = "dropped_too_long"
 WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json")
 ProgressFn = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
-
-
-class TrainSpec(Strict):
-    """How to train: LoRA or full fine-tune, schedule, batch shape, cadence."""
-
-    mode: Literal["lora", "full"] = Field(
-        "lora", description="lora: adapter on a frozen base; full: train the weights themselves")
-    lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank r")
-    lora_layers: int = Field(
-        -1, ge=-1, description="blocks adapted, counted from the top; -1 = all (full mode: "
-        "-1 also trains embeddings and norms, n trains only the top n blocks)")
-    lora_scale: float = Field(20.0, gt=0, le=1000, description="LoRA scale (peft alpha / r)")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    iters: int = Field(1000, ge=1, le=10_000_000, description="optimizer steps")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Adam learning rate")
-    batch_size: int = Field(4, ge=1, le=1024, description="records per step")
-    max_seq_length: int = Field(
-        2048, ge=64, le=1_048_576, description="longer records are dropped and counted")
-    seed: int = Field(0, ge=0, lt=2**32, description="seeds LoRA init, dropout and batch order")
-    steps_per_report: int = Field(10, ge=1, description="steps between train-loss reports")
-    steps_per_eval: int = Field(100, ge=1, description="steps between validation runs")
-    val_batches: int = Field(25, ge=-1, description="validation batches; -1 all, 0 none")
-    save_every: int = Field(100, ge=1, description="steps between checkpoints")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainSpec:
-        if self.lora_layers == 0:
-            raise ValueError("lora_layers 0 trains nothing; use -1 for all layers")
-        if self.save_every % self.steps_per_report:
-            # A resumed run restarts mlx-lm's report window at the checkpoint.
-            raise ValueError(f"save_every {self.save_every} must be a multiple of "
-                             f"steps_per_report {self.steps_per_report}")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,3 +488,16 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png")
     return Path(path)
+
+
+def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, spec: TrainSpec) -> bool:
+    """True when `out_dir` holds a finished training of exactly these inputs (skip retraining)."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        return False
+    m = json.loads(path.read_text())
+    files = {s: Path(data_dir) / f"{s}.jsonl" for s in ("train", "valid")}
+    data = {f"{s}.jsonl": file_sha256(p) for s, p in files.items() if p.is_file()}
+    return (m.get("train_version") == TRAIN_VERSION and m.get("spec") == spec.model_dump()
+            and m.get("base_weights_sha256") == weights_sha256(Path(base_dir).resolve())
+            and m.get("data_sha256") == data)

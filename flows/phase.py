@@ -1,4 +1,4 @@
-"""Phase flows: sources → symbols → examples → datasets (training joins later).
+"""Phase flows: sources → symbols → examples → datasets → base → adapters → eval → report.
 
 `phase7` builds the datasets of its whole chain (phase5, phase6, phase7): the chain shares
 every per-source task, so one run does each repo's work once.
@@ -11,26 +11,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 
 from codeadapt import examples as ex_mod
-from codeadapt import extract, handwritten, html_domain
+from codeadapt import extract, handwritten, html_domain, report
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
 from codeadapt.dataset import checkout_inputs
 from codeadapt.plan import source_quotas
 from codeadapt.records import Checkout, Example, SyncFailure
 from tasks import data as t
+from tasks import ml
 
 
 def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
-def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
-    """Run the data stages for `phase` and every phase it extends; return their manifests."""
+def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, Any]]:
+    """Run the data stages for `targets` and every phase they extend; return their manifests."""
     log = get_run_logger()
-    specs = settings.phase_sources(phase)
+    phases = [p for t in targets for p in settings.phase_chain(t)]
+    phases = list(dict.fromkeys(phases))
+    specs = {n: s for p in phases for n, s in settings.phase_sources(p).items()}
+    groups_all = list(dict.fromkeys(g for p in phases for g in settings.phase_groups(p)))
     root = Path(settings.root)
     repos = settings.resolve(settings.paths.repos)
     names = list(specs)
@@ -54,8 +58,7 @@ def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
                                   unmapped(limits), unmapped(seed))
     html_futs = t.html_examples.map(html, unmapped(seed))
     hand_files = {g: [settings.resolve(f) for f in spec.handwritten] for g, spec in settings.groups.items()}
-    hand_futs = {f: t.load_handwritten.submit(f) for g in settings.phase_groups(phase)
-                 for f in hand_files[g]}
+    hand_futs = {f: t.load_handwritten.submit(f) for g in groups_all for f in hand_files[g]}
 
     per_source: dict[str, list[Example]] = {}
     stats: dict[str, dict[str, int]] = {}
@@ -79,7 +82,7 @@ def build_data(settings: Settings, phase: str) -> dict[str, dict[str, Any]]:
             stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
 
     manifests = {}
-    for p in settings.phase_chain(phase):
+    for p in phases:
         groups = settings.phase_groups(p)
         members = [n for n in settings.phase_sources(p)]
         items: list[Example] = [e for n in members for e in per_source.get(n, [])]
@@ -118,26 +121,100 @@ def _counts_artifact(phase: str, manifest: dict[str, Any]) -> None:
                           + (f"; FAILED sources: {', '.join(failed)}" if failed else ""))
 
 
-def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None) -> dict[str, Any]:
+@task(task_run_name="resolve_base[{name}]", retries=2, retry_delay_seconds=[5, 30])
+def resolve_base(name: str) -> Path:
+    """A local model dir for an mlx-lm model id or path (downloads from the hub if needed)."""
+    from mlx_lm.utils import _download
+
+    path = Path(name)
+    return path if path.is_dir() else _download(name)
+
+
+def prepare_base(settings: Settings, manifests: dict[str, dict[str, Any]]) -> Path:
+    """The base every adapter trains on: the offline tiny base (built, then pre-trained) or a
+    named model."""
+    if settings.base_model() != "tiny":
+        return resolve_base(settings.base_model())
+    data = settings.resolve(settings.paths.data)
+    corpus_phase = settings.base.corpus_phase
+    checkouts = [settings.resolve(settings.paths.repos) / n for n in settings.phase_sources(corpus_phase)]
+    bases = data / "bases"
+    raw = ml.make_base(bases, data / corpus_phase, checkouts, settings.base.tiny)
+    return ml.pretrain_base(raw, data / corpus_phase, raw.with_name(raw.name + "-pretrained"),
+                            settings.base.pretrain)
+
+
+def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """LoRA per phase (serialised by the `gpu` slot), then base and adapters on the same prompts."""
+    ml.ensure_gpu_limit()
+    base_dir = prepare_base(settings, manifests)
+    data = settings.resolve(settings.paths.data)
+    repos = settings.resolve(settings.paths.repos)
+    adapters = settings.resolve(settings.paths.adapters)
+    chain = settings.phase_chain(phase)
+    fixed = settings.resolve(settings.eval.fixed_set) if settings.eval.fixed_set else None
+    contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed)
+    trained = {p: ml.train_adapter.submit(p, base_dir, data / p, adapters / p, settings.train)
+               for p in chain}
+    evals = {"base": ml.evaluate.submit("base", base_dir, None, data / phase, repos, settings.eval, fixed)}
+    for p in chain:
+        evals[p] = ml.evaluate.submit(p, base_dir, adapters / p, data / phase, repos, settings.eval,
+                                      fixed, wait_for=[trained[p]])
+    rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
+    for p in chain:
+        trained[p].result()
+        rows.append({"phase": p, "examples": manifests[p]["counts"]["split"].get("train", 0),
+                     "eval": evals[p].result()})
+    notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: every assistant "
+             f"turn of {phase}'s `{settings.eval.split}` split"
+             + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
+             + f". Base model: `{base_dir}`. Decontamination: {contamination['contaminated']}/"
+             f"{contamination['test_texts']} held-out user turns share a word {contamination['n']}-gram "
+             f"with {phase}'s train split (threshold {settings.eval.max_contamination:.0%}).")
+    path = ml.write_report(rows, adapters, notes)
+    return {"report": str(path), "table": report.phase_table(rows)}
+
+
+def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,
+              models: bool = True) -> dict[str, Any]:
     settings = load_settings(config, profile=profile, overrides=overrides)
-    manifests = build_data(settings, phase)
-    return {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
-                "failed_sources": m["inputs"]["failed_sources"]} for p, m in manifests.items()}
+    targets = [phase]
+    if models and settings.base_model() == "tiny":
+        targets.append(settings.base.corpus_phase)
+    manifests = build_data(settings, targets)
+    out: dict[str, Any] = {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
+                               "failed_sources": m["inputs"]["failed_sources"]}
+                           for p, m in manifests.items()}
+    if models:
+        out["models"] = train_and_evaluate(settings, phase, manifests)
+    return out
 
 
 @flow(name="phase5", log_prints=True)
-def phase5(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
-    return run_phase("phase5", config, profile, overrides)
+def phase5(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
+           models: bool = True) -> dict:
+    return run_phase("phase5", config, profile, overrides, models)
 
 
 @flow(name="phase6", log_prints=True)
-def phase6(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
-    return run_phase("phase6", config, profile, overrides)
+def phase6(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
+           models: bool = True) -> dict:
+    return run_phase("phase6", config, profile, overrides, models)
 
 
 @flow(name="phase7", log_prints=True)
-def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> dict:
-    return run_phase("phase7", config, profile, overrides)
+def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
+           models: bool = True) -> dict:
+    return run_phase("phase7", config, profile, overrides, models)
+
+
+@flow(name="base", log_prints=True)
+def base(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> str:
+    """Build the base corpus and the base model (tiny: build + pre-train) without any phase."""
+    settings = load_settings(config, profile=profile, overrides=overrides)
+    manifests = build_data(settings, [settings.base.corpus_phase]) if settings.base_model() == "tiny" else {}
+    ml.ensure_gpu_limit()
+    return str(prepare_base(settings, manifests))
 
 
 PHASE_FLOWS = {"phase5": phase5, "phase6": phase6, "phase7": phase7}

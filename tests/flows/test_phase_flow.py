@@ -35,7 +35,7 @@ def built(prefect_server, tmp_path_factory) -> Path:
     from flows.phase import phase7
 
     data = tmp_path_factory.mktemp("data")
-    result = phase7(config=str(REPO_ROOT / "pipeline.toml"),
+    result = phase7(config=str(REPO_ROOT / "pipeline.toml"), models=False,
                     overrides=[f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'"])
     assert set(result) == set(PHASES)
     assert all(not r["failed_sources"] for r in result.values())
@@ -142,7 +142,7 @@ missingref = {{ kind = "git", url = "{good}", ref = "no-such-ref", group = "g" }
 empty = {{ kind = "git", url = "{up / 'empty'}", group = "g" }}
 nopy = {{ kind = "git", url = "{up / 'nopy'}", ref = "main", group = "g" }}
 """)
-    result = phase5(config=str(cfg))["phase5"]
+    result = phase5(config=str(cfg), models=False)["phase5"]
     failed = result["failed_sources"]
     assert set(failed) == {"unreachable", "missingref", "empty", os.path.relpath(bad_jsonl, tmp_path)}
     assert "cannot reach" in failed["unreachable"] and "no-such-repo" in failed["unreachable"]

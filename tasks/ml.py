@@ -1,0 +1,141 @@
+"""Prefect tasks for the model stages: base, training (one device slot), evaluation, report."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.concurrency.sync import concurrency
+
+from codeadapt import basemodel, report, train
+from codeadapt.config import EvalSpec, TrainSpec
+
+GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never share a device
+
+
+def ensure_gpu_limit(slots: int = 1) -> None:
+    """Create the `gpu` global concurrency limit if missing (an existing one is left as set)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+
+
+def _key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+@task(task_run_name="make_base[tiny]")
+def make_base(bases_dir: Path, base_data: Path, checkouts: list[Path], tiny_args: dict[str, Any]) -> Path:
+    """Build (or reuse) the offline tiny base from the base corpus."""
+    from codeadapt.base import TinyBaseArgs, make_tiny_base
+
+    corpus = basemodel.tokenizer_corpus(base_data, checkouts)
+    out = bases_dir / f"tiny-{basemodel.corpus_key(corpus, tiny_args)}"
+    if (out / "config.json").is_file():
+        get_run_logger().info("reusing tiny base %s", out)
+        return out
+    return make_tiny_base(out, corpus, TinyBaseArgs(**tiny_args))
+
+
+def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec) -> dict[str, Any]:
+    """Train under the device slot, with a live progress artifact and a loss-curve artifact."""
+    log = get_run_logger()
+    if train.is_current(out_dir, base_dir, data_dir, spec):
+        log.info("%s is up to date with its dataset, base and spec: not retraining", out_dir)
+        return json.loads((out_dir / "metrics.json").read_text())
+    key = _key(f"train-{label}")
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        progress_id = create_progress_artifact(progress=0.0, key=f"{key}-progress",
+                                               description=f"{label}: training progress (%)")
+
+        def on_progress(event: dict[str, Any]) -> None:
+            if "train_loss" in event:
+                update_progress_artifact(progress_id, 100.0 * event["step"] / event["iters"])
+                log.info("%s step %d/%d train loss %.4f (%.0f tok/s)", label, event["step"],
+                         event["iters"], event["train_loss"], event.get("tokens_per_sec") or 0)
+            elif "val_loss" in event:
+                log.info("%s step %d valid loss %.4f", label, event["step"], event["val_loss"])
+
+        metrics = train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress)
+        update_progress_artifact(progress_id, 100.0)
+    png = out_dir / "loss.png"
+    img = base64.b64encode(png.read_bytes()).decode() if png.is_file() else ""
+    create_markdown_artifact(
+        key=f"{key}-loss", description=f"{label}: loss curves",
+        markdown=f"# {label}: loss\n\n![loss](data:image/png;base64,{img})\n\n"
+        f"- final valid loss: {metrics.get('final_valid_loss')}\n"
+        f"- tokens/s: {metrics.get('tokens_per_sec')} ({metrics.get('blas')})\n"
+        f"- iters: {metrics['iters']}, resumed from: {metrics.get('resumed_from') or 'none'}\n")
+    return metrics
+
+
+@task(task_run_name="pretrain_base")
+def pretrain_base(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec) -> Path:
+    _train("base-pretrain", base_dir, data_dir, out_dir, spec)
+    return out_dir
+
+
+@task(task_run_name="train_adapter[{phase}]")
+def train_adapter(phase: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec) -> dict[str, Any]:
+    return _train(phase, base_dir, data_dir, out_dir, spec)
+
+
+@task(task_run_name="evaluate[{label}]")
+def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
+             spec: EvalSpec, fixed_set: Path | None) -> dict[str, Any]:
+    """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker."""
+    from codeadapt.worker import run_in_worker
+
+    payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
+               "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
+               "fixed_set": str(fixed_set) if fixed_set else None}
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        result = run_in_worker("eval", payload)
+    m = result["metrics"]["correct"]
+    get_run_logger().info("%s: accuracy %.1f%% [%.1f, %.1f] on %d prompts", label, 100 * m["accuracy"],
+                          100 * m["lo"], 100 * m["hi"], result["prompts"])
+    return result
+
+
+@task(task_run_name="check_contamination[{phase}]")
+def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalSpec,
+                        fixed_set: Path | None) -> dict[str, Any]:
+    """Fail loudly when held-out prompts overlap the phase's train split."""
+    from codeadapt import prompts as pr
+
+    test = pr.user_texts(p.messages for p in pr.collect_prompts(
+        data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set))
+    train_recs = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    return pr.check_contamination(test, pr.user_texts(r["messages"] for r in train_recs),
+                                  spec.max_contamination, spec.ngram, spec.max_train_count)
+
+
+@task(task_run_name="report")
+def write_report(rows: list[dict[str, Any]], out_dir: Path, notes: str) -> Path:
+    """REPORT.md + chart, the phase table as a table artifact, the chart as markdown."""
+    path = report.write_report(rows, out_dir, title="codeadapt: phase comparison", notes=notes)
+    table = report.phase_table(rows)
+    create_table_artifact(key="phase-table", table=table,
+                          description="Accuracy on held-out prompts (Wilson 95% intervals)")
+    chart = out_dir / report.CHART_FILE
+    img = base64.b64encode(chart.read_bytes()).decode()
+    create_markdown_artifact(key="phase-report", description="Phase comparison report",
+                             markdown=path.read_text().replace(
+                                 f"]({report.CHART_FILE})", f"](data:image/png;base64,{img})"))
+    return path
