@@ -156,10 +156,12 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed)
     trained = {p: ml.train_adapter.submit(p, base_dir, data / p, adapters / p, settings.train)
                for p in chain}
-    evals = {"base": ml.evaluate.submit("base", base_dir, None, data / phase, repos, settings.eval, fixed)}
+    cache = adapters / ".evals"
+    evals = {"base": ml.evaluate.submit("base", base_dir, None, data / phase, repos, settings.eval,
+                                        fixed, cache)}
     for p in chain:
         evals[p] = ml.evaluate.submit(p, base_dir, adapters / p, data / phase, repos, settings.eval,
-                                      fixed, wait_for=[trained[p]])
+                                      fixed, cache, wait_for=[trained[p]])
     rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
     for p in chain:
         trained[p].result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from codeadapt import dataset, examples, extract, handwritten, html_domain, sources
+from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, sources, tools
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
 
@@ -19,12 +20,16 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()
 
 
+# Examples embed the system prompt and tool schemas: a change to either is a new output.
+FORMAT_KEY = _key(chat.SYSTEM_PROMPT, json.dumps(tools.TOOL_SCHEMAS, sort_keys=True))
+
+
 def _checkout_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     """Content key: source, origin, commit and every parameter but paths and the parse."""
     co: Checkout = params["checkout"]
     rest = sorted((k, repr(v)) for k, v in params.items() if k not in {"checkout", "extraction"})
     return _key(co.name, co.origin, co.commit, co.generator, extract.EXTRACTOR_VERSION,
-                examples.GENERATOR_VERSION, html_domain.HTML_GENERATOR_VERSION, rest)
+                examples.GENERATOR_VERSION, html_domain.HTML_GENERATOR_VERSION, FORMAT_KEY, rest)
 
 
 CHECKOUT_CACHE = CacheKeyFnPolicy(cache_key_fn=_checkout_key) + TASK_SOURCE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,9 @@ def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: Trai
             elif "val_loss" in event:
                 log.info("%s step %d valid loss %.4f", label, event["step"], event["val_loss"])
 
-        metrics = train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress)
+        # A task inside the slot: its run times in the API show trainings never overlap.
+        metrics = fit.with_options(task_run_name=f"fit[{label}]")(
+            base_dir, data_dir, out_dir, spec, on_progress)
         update_progress_artifact(progress_id, 100.0)
     png = out_dir / "loss.png"
     img = base64.b64encode(png.read_bytes()).decode() if png.is_file() else ""
@@ -83,6 +86,12 @@ def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: Trai
         f"- tokens/s: {metrics.get('tokens_per_sec')} ({metrics.get('blas')})\n"
         f"- iters: {metrics['iters']}, resumed from: {metrics.get('resumed_from') or 'none'}\n")
     return metrics
+
+
+@task
+def fit(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec, on_progress: Any) -> dict[str, Any]:
+    """The training itself, run in the fast-BLAS worker; called only while holding the slot."""
+    return train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress)
 
 
 @task(task_run_name="pretrain_base")
@@ -96,17 +105,39 @@ def train_adapter(phase: str, base_dir: Path, data_dir: Path, out_dir: Path, spe
     return _train(phase, base_dir, data_dir, out_dir, spec)
 
 
+def eval_key(payload: dict[str, Any]) -> str:
+    """What an evaluation depends on: weights, adapter, prompt files and options (not paths)."""
+    h = hashlib.sha256(json.dumps(payload["spec"], sort_keys=True).encode())
+    h.update(train.weights_sha256(Path(payload["model_dir"])).encode())
+    files = [Path(payload["data_dir"]) / "manifest.json"]
+    if payload["adapter_dir"]:
+        files.append(Path(payload["adapter_dir"]) / "adapters.safetensors")
+    if payload["fixed_set"]:
+        files.append(Path(payload["fixed_set"]))
+    for f in files:
+        h.update(train.file_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+
 @task(task_run_name="evaluate[{label}]")
 def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
-             spec: EvalSpec, fixed_set: Path | None) -> dict[str, Any]:
+             spec: EvalSpec, fixed_set: Path | None, cache_dir: Path) -> dict[str, Any]:
     """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker."""
     from codeadapt.worker import run_in_worker
 
     payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
                "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
                "fixed_set": str(fixed_set) if fixed_set else None}
+    cached = cache_dir / f"{_key(label)}-{eval_key(payload)}.json"
+    if cached.is_file():
+        get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not re-scoring", label, cached)
+        return json.loads(cached.read_text())
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         result = run_in_worker("eval", payload)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(cached)
     m = result["metrics"]["correct"]
     get_run_logger().info("%s: accuracy %.1f%% [%.1f, %.1f] on %d prompts", label, 100 * m["accuracy"],
                           100 * m["lo"], 100 * m["hi"], result["prompts"])
