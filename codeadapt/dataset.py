@@ -101,7 +101,13 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Checkout],
                   out_dir: Path, split_cfg: dict[str, Any], inputs: dict[str, Any],
                   upstream_stats: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Write `out_dir/{train,valid,test}.jsonl`, `manifest.json`, `README.md`; return manifest."""
+    """Write `out_dir/{train,valid,test}.jsonl`, `manifest.json`, `README.md`; return manifest.
+
+    Nothing is rewritten when the existing dataset was built from the same inputs and its
+    files are intact (`manifest["rebuilt"]` says which happened)."""
+    current = up_to_date(out_dir, inputs, split_cfg)
+    if current is not None:
+        return {**current, "rebuilt": False}
     stats: Counter[str] = Counter()
     stats["input_examples"] = len(examples)
     kept = dedup(prepare(examples, checkouts, stats), stats)
@@ -131,7 +137,25 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
         "examples": entries,
     }
     write_atomically(out_dir, rows, manifest)
-    return json.loads((out_dir / "manifest.json").read_text())
+    return {**json.loads((out_dir / "manifest.json").read_text()), "rebuilt": True}
+
+
+def up_to_date(out_dir: Path, inputs: dict[str, Any], split_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest if `out_dir` holds an intact build of exactly these inputs."""
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    want = inputs_hash({"inputs": inputs, "split": split_cfg, "dataset_version": DATASET_VERSION})
+    if old.get("inputs_hash") != want:
+        return None
+    for name, digest in old.get("outputs", {}).items():
+        if not (out_dir / name).is_file() or _sha256(out_dir / name) != digest:
+            return None
+    return old
 
 
 def inputs_hash(manifest: dict[str, Any]) -> str:

@@ -99,7 +99,7 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
             "seed": settings.seed,
             "versions": {"extractor": extract.EXTRACTOR_VERSION, "python": ex_mod.GENERATOR_VERSION,
                          "html": html_domain.HTML_GENERATOR_VERSION,
-                         "handwritten": handwritten.HANDWRITTEN_VERSION},
+                         "handwritten": handwritten.HANDWRITTEN_VERSION, "format": t.FORMAT_KEY},
         }
         out_dir = settings.resolve(settings.paths.data) / p
         manifests[p] = t.build_dataset.with_options(task_run_name=f"build_dataset[{p}]")(

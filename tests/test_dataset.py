@@ -108,3 +108,19 @@ def test_redact_private_key_block_and_tokens():
     token = "ghp_" + "a" * 36
     assert redact_text(f"t = '{token}'")[0] == f"t = '{REDACTED}'"
     assert redact_text("def password(self): return self._pw")[1] == 0
+
+
+def test_unchanged_inputs_are_not_rebuilt_and_damage_is_repaired(tmp_path: Path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("class A:\n    pass\n")
+    out = tmp_path / "p"
+    ex = grep_example(repo, "class A", "a.py")
+    first = build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {"a": {"commit": "1"}}}, {})
+    assert first["rebuilt"]
+    again = build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {"a": {"commit": "1"}}}, {})
+    assert not again["rebuilt"] and again["inputs_hash"] == first["inputs_hash"]
+    moved = build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {"a": {"commit": "2"}}}, {})
+    assert moved["rebuilt"] and moved["inputs_hash"] != first["inputs_hash"]
+    (out / "train.jsonl").write_text("damaged\n")
+    assert build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {"a": {"commit": "2"}}}, {})["rebuilt"]
