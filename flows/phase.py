@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 
+from codeadapt import changes, extract, handwritten, html_domain, report, train
 from codeadapt import examples as ex_mod
-from codeadapt import extract, handwritten, html_domain, report
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
 from codeadapt.dataset import checkout_inputs
 from codeadapt.plan import source_quotas
@@ -145,7 +145,8 @@ def prepare_base(settings: Settings, manifests: dict[str, dict[str, Any]]) -> Pa
 
 
 def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """LoRA per phase (serialised by the `gpu` slot), then base and adapters on the same prompts."""
+    """LoRA per phase (serialised by the `gpu` slot) into a candidate, base and adapters scored
+    on the same prompts, and a candidate promoted unless it is worse beyond the intervals."""
     ml.ensure_gpu_limit()
     base_dir = prepare_base(settings, manifests)
     data = settings.resolve(settings.paths.data)
@@ -154,27 +155,52 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     chain = settings.phase_chain(phase)
     fixed = settings.resolve(settings.eval.fixed_set) if settings.eval.fixed_set else None
     contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed)
-    trained = {p: ml.train_adapter.submit(p, base_dir, data / p, adapters / p, settings.train)
-               for p in chain}
     cache = adapters / ".evals"
-    evals = {"base": ml.evaluate.submit("base", base_dir, None, data / phase, repos, settings.eval,
-                                        fixed, cache)}
+
+    def score(label: str, adapter: Path | None, wait: list | None = None):
+        return ml.evaluate.submit(label, base_dir, adapter, data / phase, repos, settings.eval,
+                                  fixed, cache, wait_for=wait or [])
+
+    evals = {"base": score("base", None)}
+    trained, candidates, current = {}, {}, {}
     for p in chain:
-        evals[p] = ml.evaluate.submit(p, base_dir, adapters / p, data / phase, repos, settings.eval,
-                                      fixed, cache, wait_for=[trained[p]])
+        cur, cand = adapters / p, adapters / f"{p}.candidate"
+        if (cur / "adapters.safetensors").is_file():
+            current[p] = score(p, cur)
+        if train.is_current(cur, base_dir, data / p, settings.train):
+            trained[p] = "up to date"
+            continue
+        fut = ml.train_adapter.submit(p, base_dir, data / p, cand, settings.train)
+        trained[p] = "trained"
+        candidates[p] = (fut, score(f"{p}-candidate", cand, [fut]))
+    decisions: dict[str, tuple[bool, str]] = {}
     rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
     for p in chain:
-        trained[p].result()
+        result = current[p].result() if p in current else None
+        if p in candidates:
+            fut, ev = candidates[p]
+            fut.result()
+            new = ev.result()
+            decisions[p] = changes.promotion(new, result)
+            if decisions[p][0]:
+                ml.promote(adapters / f"{p}.candidate", adapters / p)
+                result = new
+            else:
+                get_run_logger().warning("%s: candidate kept at %s.candidate: %s", p, p, decisions[p][1])
         rows.append({"phase": p, "examples": manifests[p]["counts"]["split"].get("train", 0),
-                     "eval": evals[p].result()})
+                     "eval": result})
     notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: every assistant "
              f"turn of {phase}'s `{settings.eval.split}` split"
              + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
              + f". Base model: `{base_dir}`. Decontamination: {contamination['contaminated']}/"
              f"{contamination['test_texts']} held-out user turns share a word {contamination['n']}-gram "
              f"with {phase}'s train split (threshold {settings.eval.max_contamination:.0%}).")
+    kept = [p for p, (ok, _) in decisions.items() if not ok]
+    if kept:
+        notes += " Candidates not promoted: " + "; ".join(f"{p} ({decisions[p][1]})" for p in kept) + "."
     path = ml.write_report(rows, adapters, notes)
-    return {"report": str(path), "table": report.phase_table(rows)}
+    return {"report": str(path), "table": report.phase_table(rows), "trained": trained,
+            "promotion": {p: {"promoted": ok, "why": why} for p, (ok, why) in decisions.items()}}
 
 
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,

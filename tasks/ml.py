@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,19 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
     get_run_logger().info("%s: accuracy %.1f%% [%.1f, %.1f] on %d prompts", label, 100 * m["accuracy"],
                           100 * m["lo"], 100 * m["hi"], result["prompts"])
     return result
+
+
+@task(task_run_name="promote[{current.name}]")
+def promote(candidate: Path, current: Path) -> Path:
+    """Swap a candidate adapter in (rename; the old one is removed only after the swap)."""
+    old = current.with_name(f".{current.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if current.exists():
+        os.replace(current, old)
+    os.replace(candidate, current)
+    shutil.rmtree(old, ignore_errors=True)
+    return current
 
 
 @task(task_run_name="check_contamination[{phase}]")
