@@ -29,15 +29,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from codeadapt.config import load_settings
 
-    load_settings(args.config, profile=args.profile, overrides=args.overrides)  # fail before Prefect starts
+    if args.runner:
+        args.overrides.append(f"runner.kind={json.dumps(args.runner)}")
+    if args.dask_address:
+        args.overrides += ['runner.kind="dask"', f"runner.address={json.dumps(args.dask_address)}"]
+    settings = load_settings(args.config, profile=args.profile, overrides=args.overrides)  # fail before Prefect starts
     _prefect_env(args.config)
     from flows.phase import PHASE_FLOWS
+    from flows.runners import task_runner
 
     if args.phase not in PHASE_FLOWS:
         print(f"unknown phase {args.phase!r}; choose from {sorted(PHASE_FLOWS)}", file=sys.stderr)
         return 2
-    result = PHASE_FLOWS[args.phase](config=args.config, profile=args.profile,
-                                     overrides=args.overrides, models=not args.data_only)
+    flow = PHASE_FLOWS[args.phase].with_options(task_runner=task_runner(settings.runner))
+    result = flow(config=args.config, profile=args.profile, overrides=args.overrides,
+                  models=not args.data_only)
     print(json.dumps(result, indent=1))
     failed = {n for k, r in result.items() if k != "models" for n in r["failed_sources"]}
     if failed:
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("phase", help="phase5, phase6 or phase7")
     _common(run)
     run.add_argument("--data-only", action="store_true", help="build the datasets, skip base, training and eval")
+    run.add_argument("--runner", choices=["threads", "dask"], help="task runner (default: [runner] in the config)")
+    run.add_argument("--dask-address", metavar="ADDRESS",
+                     help="run per-source tasks on an existing Dask cluster, e.g. tcp://host:8786")
     run.set_defaults(fn=cmd_run)
     mb = sub.add_parser("make-base", help="build the base model: 'tiny' builds and pre-trains one offline")
     mb.add_argument("model", nargs="?", default="tiny", help="'tiny' (default) or an mlx-lm model id / path")

@@ -160,6 +160,15 @@ class BaseSpec(Strict):
         return v
 
 
+class RunnerSpec(Strict):
+    """Where per-source tasks run: a thread pool here, or Dask (a local cluster or an address)."""
+
+    kind: Literal["threads", "dask"] = Field("threads", description="threads or dask")
+    address: str | None = Field(None, description="dask: scheduler of an existing cluster, tcp://host:8786")
+    n_workers: int = Field(2, ge=1, le=1024, description="dask: workers of the local cluster")
+    max_workers: int = Field(8, ge=1, le=1024, description="threads: pool size")
+
+
 class ProfileSpec(Strict):
     sources: dict[str, SourceSpec] = Field(default_factory=dict)
     base_model: str | None = Field(None, description="overrides base.model in this profile")
@@ -178,6 +187,7 @@ class Settings(Strict):
     sources: dict[str, SourceSpec] = Field(default_factory=dict, description="in every profile")
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
     base: BaseSpec = Field(default_factory=BaseSpec)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     root: str = Field(".", description="directory relative paths are resolved against")

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 from codeadapt.train import file_sha256
-from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 MICRO_TRAIN = "{{iters = {iters}, batch_size = 2, max_seq_length = 1024, steps_per_report = 2, steps_per_eval = 4, val_batches = 1, save_every = 2, learning_rate = 0.001}}"

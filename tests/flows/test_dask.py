@@ -1,0 +1,39 @@
+"""Scale-out: the same data build on a 2-worker Dask LocalCluster equals the thread-pool one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from codeadapt.config import RunnerSpec
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(data: Path) -> list[str]:
+    return [f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'",
+            "groups.domain.budget={grep = 6, read = 3, direct = 3}",
+            "groups.popular.budget={grep = 40, read = 20, direct = 20}"]
+
+
+def test_dask_build_has_the_same_manifest_hashes(prefect_server, tmp_path: Path, monkeypatch):
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    from flows.phase import phase7
+    from flows.runners import task_runner
+
+    # Both builds must compute, not reuse each other's cached per-source results.
+    monkeypatch.setenv("PREFECT_TASKS_REFRESH_CACHE", "true")
+    cfg = str(REPO_ROOT / "pipeline.toml")
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+        threads = phase7.with_options(task_runner=task_runner(RunnerSpec()))(
+            config=cfg, overrides=overrides(tmp_path / "threads"), models=False)
+        dask = phase7.with_options(task_runner=task_runner(RunnerSpec(kind="dask", n_workers=2)))(
+            config=cfg, overrides=overrides(tmp_path / "dask"), models=False)
+    for phase in ("phase5", "phase6", "phase7"):
+        assert threads[phase]["inputs_hash"] == dask[phase]["inputs_hash"]
+        a, b = (json.loads((tmp_path / d / phase / "manifest.json").read_text()) for d in ("threads", "dask"))
+        assert a["outputs"] == b["outputs"] and a["counts"]["total"] > 0
