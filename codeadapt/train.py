@@ -140,6 +140,21 @@ def validation_batches(dataset: Sequence[Encoded], batch_size: int, max_seq_leng
         yield mx.array(tokens), mx.array(mask)
 
 
+def lr_schedule(spec: TrainSpec) -> Any:
+    """The learning rate as mlx wants it: a float, or a schedule of the optimizer's step."""
+    import mlx.optimizers as optim
+
+    if spec.warmup_steps == 0 and spec.schedule == "constant":
+        return spec.learning_rate
+    rest = max(spec.iters - spec.warmup_steps, 1)
+    after = (optim.cosine_decay(spec.learning_rate, rest, spec.learning_rate * 0.1)
+             if spec.schedule == "cosine" else lambda step: spec.learning_rate)
+    if spec.warmup_steps == 0:
+        return after
+    warm = optim.linear_schedule(0.0, spec.learning_rate, spec.warmup_steps)
+    return optim.join_schedules([warm, after], [spec.warmup_steps])
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -397,7 +412,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     mx.random.seed(spec.seed)
     _make_trainable(model, spec)
-    optimizer = optim.Adam(learning_rate=spec.learning_rate)
+    optimizer = optim.Adam(learning_rate=lr_schedule(spec))
     optimizer.init(model.trainable_parameters())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.work"
