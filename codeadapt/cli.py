@@ -73,6 +73,58 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_home(args: argparse.Namespace):
+    from codeadapt import stack
+
+    home = stack.paths(args.home).home
+    # Prefect, if this process imports it, reads the stack's home, never ~/.prefect.
+    for k, v in {**OFFLINE_ENV, "PREFECT_HOME": str(home)}.items():
+        os.environ.setdefault(k, v)
+    return home
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from codeadapt import stack
+
+    home = _stack_home(args)
+    try:
+        res = stack.up(port=args.port, home=home, pool=args.pool, cron=args.cron,
+                       timezone=args.timezone, timeout=args.timeout, say=print)
+    except stack.StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for note in res.notes:
+        print(note)
+    st = res.state
+    if not res.already_running:
+        print(f"up: server {st['url']} (PID {st['server']['pid']}), worker PID "
+              f"{st['worker']['pid']} on pool {st['pool']!r}; logs in {stack.paths(home).logs}")
+    print(f"UI: {st['url']}   stop with: codeadapt down")
+    print("Point Prefect commands at it with:")
+    print(f"  {stack.env_line(st['api_url'])}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from codeadapt import stack
+
+    home = _stack_home(args)
+    if not stack.read_state(home):
+        print(f"nothing to stop (no stack state in {home})")
+        return 0
+    stopped = stack.down(home, timeout=args.timeout)
+    print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(map(str, stopped))}" if stopped else ""))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from codeadapt import stack
+
+    st = stack.status(_stack_home(args))
+    print(stack.format_status(st))
+    return 0 if st["running"] and st["healthy"] and st["worker_alive"] else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="codeadapt", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -91,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="validate the config and list each phase's sources")
     _common(cfg)
     cfg.set_defaults(fn=cmd_config)
+    home_help = "the stack's PREFECT_HOME (default: .prefect/ in the repository)"
+    upp = sub.add_parser("up", help="start a local Prefect server, work pool, deployments and worker")
+    upp.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default: %(default)s)")
+    upp.add_argument("--pool", default="codeadapt", help="process work pool (default: %(default)s)")
+    upp.add_argument("--timezone", default=os.environ.get("CODEADAPT_NIGHTLY_TZ"),
+                     help="nightly schedule's timezone, e.g. Europe/Berlin (default: $CODEADAPT_NIGHTLY_TZ or UTC)")
+    upp.add_argument("--cron", default=os.environ.get("CODEADAPT_NIGHTLY_CRON"),
+                     help="nightly schedule (default: $CODEADAPT_NIGHTLY_CRON or '0 3 * * *', 03:00)")
+    upp.add_argument("--home", default=None, help=home_help)
+    upp.add_argument("--timeout", type=float, default=180, help="seconds to wait for the server (default: %(default)s)")
+    upp.set_defaults(fn=cmd_up)
+    dn = sub.add_parser("down", help="stop the server and worker that `up` started")
+    dn.add_argument("--home", default=None, help=home_help)
+    dn.add_argument("--timeout", type=float, default=20, help="seconds before SIGKILL (default: %(default)s)")
+    dn.set_defaults(fn=cmd_down)
+    stp = sub.add_parser("status", help="what runs: server URL and health, worker, deployments")
+    stp.add_argument("--home", default=None, help=home_help)
+    stp.set_defaults(fn=cmd_status)
     return ap
 
 
