@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-# git: sources; libopenblas0-pthread: the fast BLAS for mlx on Linux CPU.
+# git: sources; libopenblas0-pthread: the fast BLAS for mlx on Linux CPU; chromium: UI test.
 need=()
-for pkg in git libopenblas0-pthread; do
+for pkg in git libopenblas0-pthread chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
