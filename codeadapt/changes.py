@@ -44,10 +44,11 @@ def diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def promotion(new: dict[str, Any], current: dict[str, Any] | None) -> tuple[bool, str]:
-    """Promote unless the new adapter is worse than the current beyond the 95% intervals."""
+    """Promote unless the new adapter's tool-call accuracy is worse than the current one's
+    beyond the 95% intervals."""
     if current is None:
         return True, "no current adapter"
-    n, c = new["metrics"]["correct"], current["metrics"]["correct"]
+    n, c = new["metrics"]["tool_call"], current["metrics"]["tool_call"]
     if n["hi"] < c["lo"]:
         return False, (f"worse beyond the intervals: {n['accuracy']:.1%} [{n['lo']:.1%}, {n['hi']:.1%}]"
                        f" vs current {c['accuracy']:.1%} [{c['lo']:.1%}, {c['hi']:.1%}]")

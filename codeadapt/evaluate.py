@@ -1,6 +1,32 @@
 """Evaluate a base model or adapter on held-out tool-use turns: generate, parse the tool call
 the chat template defines, score it against the expected turn (running both calls with
-`codeadapt.tools`), and summarise with Wilson intervals. Prompts come from codeadapt.prompts."""
+`codeadapt.tools`), and summarise with Wilson intervals. Prompts come from codeadapt.prompts.
+
+Every prompt is one assistant turn, which expects either a tool call or a direct/final answer.
+Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it applies to):
+
+- `tool_call` (the headline "accuracy"), over turns that expect a call: the output is a
+  well-formed call (`format`) to the expected tool (`name`) with matching arguments
+  (`arguments`: equal after filling defaults and normalising paths and integers; for grep,
+  also a different pattern that finds the same, non-empty, lines on the checkout) and nothing
+  after it (`stop`: no extra text, no invented tool response or next turn).
+- `answer`, over turns that expect an answer: no tool-call markup and nothing invented
+  (well-formed, no call, `stop`), and the text matches the expected answer. The expected
+  answer's *fact tokens* are its backticked spans and fenced code lines, double-quoted
+  strings, file paths, and numbers (`answer_facts`); every one must appear in the output
+  (whitespace-normalised substring; numbers as whole numbers, so "10" doesn't match "1").
+  An expected answer with no fact tokens (a free-text paraphrase, e.g. of a docstring) is
+  matched by bag-of-words token F1 >= 0.5 instead (`ANSWER_F1`); `answer_rule` says which.
+- `correct` (overall), over all turns: the turn's own criterion, `tool_call` or `answer`.
+- `decision` (call vs answer), `format`, `stop`: over all turns; `name`, `arguments`: over
+  turns that expect a call; `executed_ok`: over the model's calls that were run.
+
+A model that never produces a right call or a grounded answer scores 0 on `tool_call`,
+`answer` and `correct`, however often it happens to pick "answer" (`decision`).
+
+Generation (`generate_outputs`) is greedy and reuses the KV cache of shared token prefixes
+(system prompt and tool schemas, earlier turns of the same conversation) across prompts.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +34,14 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from codeadapt import tools
+from codeadapt.config import EvalSpec
 
 # Re-exported: the evaluation API is one import.
 from codeadapt.prompts import (  # noqa: F401
@@ -33,26 +59,11 @@ TOOL_CALL_END = "</tool_call>"
 FABRICATED = ("<tool_response>", "</tool_response>", "<|im_start|>")
 NO_MATCHES = "No matches."
 ADAPTER_FILE = "adapters.safetensors"
-# Per-prompt checks; name and arguments count only turns that expect a tool call.
-METRICS = ("correct", "format", "decision", "name", "arguments", "stop", "executed_ok")
-
-
-class EvalSpec(BaseModel):
-    """Evaluation options (until config.py grows an `[eval]` section)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: int = Field(256, ge=1, le=4096, description="generation limit per prompt")
-    batch_size: int = Field(8, ge=1, le=256, description="1 = sequential stream_generate")
-    run_tools: bool = Field(True, description="execute calls on the checkouts (grep equivalence)")
-    ngram: int = Field(8, ge=1, le=64, description="word n-gram size for decontamination")
-    # Question templates alone share 8-grams: phase7 test vs train measured 12.9%, phase6 6.1%.
-    max_contamination: float = Field(
-        0.2, ge=0, le=1, description="fail when more test user turns share an n-gram with train"
-    )
-    max_train_count: int | None = Field(
-        None, ge=1, description="ignore n-grams in more train turns than this (template text)"
-    )
+# Per-prompt checks (see the module docstring for what each one counts); "tool_call" is the
+# headline accuracy, "correct" the overall one.
+METRICS = ("tool_call", "correct", "decision", "format", "name", "arguments", "stop", "answer",
+           "executed_ok")
+ANSWER_F1 = 0.5  # token F1 an answer needs when the expected answer has no fact tokens
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -89,6 +100,7 @@ class Parsed:
     extra_text_after_call: str = ""
     fabricated_response: bool = False
     error: str = ""
+    answer_text: str = ""  # the stripped text when there is no tool call
 
 
 def parse_output(text: str, tokenizer_or_markers: Any = None, tool_list: Any = None) -> Parsed:
@@ -99,10 +111,10 @@ def parse_output(text: str, tokenizer_or_markers: Any = None, tool_list: Any = N
     if start < 0:
         if mk.end in text:
             return Parsed(False, False, fabricated_response=fabricated,
-                          error=f"stray {mk.end} without {mk.start}")
+                          error=f"stray {mk.end} without {mk.start}", answer_text=text.strip())
         if not text.strip():
             return Parsed(False, False, error="empty output")
-        return Parsed(True, False, fabricated_response=fabricated)
+        return Parsed(True, False, fabricated_response=fabricated, answer_text=text.strip())
     end = text.find(mk.end, start + len(mk.start))
     if end < 0:
         return Parsed(False, True, fabricated_response=fabricated,
@@ -160,6 +172,67 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+# Fenced code, a backticked span or a double-quoted string: whichever starts first wins, so
+# `lang="en"` is one fact and so is a quoted docstring with backticks inside.
+_QUOTE = re.compile(r"```[^\n]*\n(?P<code>.*?)```|`(?P<tick>[^`\n]+)`|\"(?P<quote>[^\"\n]+)\"", re.S)
+_PATH = re.compile(r"(?<![\w/.-])/?(?:[\w.-]+/)+[\w.-]*\w\.\w+"  # a/b.py, /img/x.svg
+                   r"|\b[\w-]+\.(?:py|pyi|html?|css|js|ts|json|toml|cfg|ini|txt|md|rst|ya?ml)\b")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
+_WORDS = re.compile(r"\w+")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def answer_facts(expected: str) -> list[str]:
+    """The fact tokens of an expected answer, in order: fenced code lines, backticked spans and
+    double-quoted strings; then file paths; then numbers. Each kind is cut out of the text
+    before the next is looked for, so `v1/types.py` yields no number."""
+    facts: list[str] = []
+    for m in _QUOTE.finditer(expected):
+        span = next(g for g in m.groups() if g is not None)
+        facts += [_squash(x) for x in span.splitlines() if x.strip()]
+    rest = _QUOTE.sub(" ", expected)
+    for rx in (_PATH, _NUMBER):
+        facts += rx.findall(rest)
+        rest = rx.sub(" ", rest)
+    return list(dict.fromkeys(facts))
+
+
+def token_f1(predicted: str, expected: str) -> float:
+    """Bag-of-words F1 of lower-cased word tokens (SQuAD style)."""
+    pred, gold = _WORDS.findall(predicted.lower()), _WORDS.findall(expected.lower())
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerMatch:
+    ok: bool
+    rule: str  # "facts", or "f1" when the expected answer has no fact tokens
+    missing: tuple[str, ...] = ()  # facts not found in the output
+    f1: float | None = None
+
+
+def match_answer(output: str, expected: str) -> AnswerMatch:
+    """Does a direct answer state what the expected answer states? See the module docstring."""
+    facts = answer_facts(expected)
+    if not facts:
+        if not _WORDS.search(expected):  # nothing to compare against
+            return AnswerMatch(bool(output.strip()), "f1")
+        f1 = token_f1(output, expected)
+        return AnswerMatch(f1 >= ANSWER_F1, "f1", f1=round(f1, 4))
+    text = _squash(output)
+    numbers = set(_NUMBER.findall(output))
+    missing = tuple(f for f in facts
+                    if (f not in numbers if _NUMBER.fullmatch(f) else f not in text))
+    return AnswerMatch(not missing, "facts", missing)
+
+
 def run_call(root: str | Path, name: str, arguments: Any) -> str:
     """`tools.execute`, with the regex failures it lets escape turned into error text."""
     try:
@@ -170,7 +243,7 @@ def run_call(root: str | Path, name: str, arguments: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    correct: bool
+    correct: bool  # tool_call or answer, whichever the turn expects
     format: bool
     decision: bool
     name: bool | None  # None: no call expected
@@ -180,6 +253,11 @@ class Scored:
     exec_error: bool | None
     tool_output: str | None
     failure: str  # first failed check, "" when correct
+    tool_call: bool | None = None  # None: an answer expected
+    answer: bool | None = None  # None: a call expected
+    answer_rule: str | None = None  # "facts" or "f1"
+    answer_missing: tuple[str, ...] = ()
+    answer_f1: float | None = None
 
 
 def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Scored:
@@ -199,13 +277,23 @@ def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Sco
             # Two patterns that find the same lines are the same search.
             want = run_call(root, "grep", prompt.expected_arguments)
             args_ok = output == want and not want.startswith("error:") and want != NO_MATCHES
+    match = None
+    if not prompt.expects_call:
+        match = match_answer(parsed.answer_text, prompt.expected_text)
     checks = [("format", parsed.format_valid), ("decision", decision), ("name", name_ok),
-              ("arguments", args_ok), ("stop", stop)]
+              ("arguments", args_ok), ("stop", stop),
+              ("answer", None if match is None else match.ok)]
     failure = next((k for k, ok in checks if ok is False), "")
-    return Scored(correct=not failure, format=parsed.format_valid, decision=decision,
+    correct = not failure
+    return Scored(correct=correct, format=parsed.format_valid, decision=decision,
                   name=name_ok, arguments=args_ok, stop=stop, executed=output is not None,
                   exec_error=None if output is None else output.startswith("error:"),
-                  tool_output=None if output is None else output[:1000], failure=failure)
+                  tool_output=None if output is None else output[:1000], failure=failure,
+                  tool_call=correct if prompt.expects_call else None,
+                  answer=None if prompt.expects_call else correct,
+                  answer_rule=None if match is None else match.rule,
+                  answer_missing=() if match is None else match.missing,
+                  answer_f1=None if match is None else match.f1)
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -225,8 +313,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def summarize(scores: Sequence[Scored], z: float = 1.96) -> dict[str, dict[str, Any]]:
-    """Accuracy per metric with its Wilson interval; name/arguments over expected calls only."""
-    out = {}
+    """Rate per metric (`METRICS`) with its Wilson interval, each over the turns it applies to;
+    "answer" also counts how many answer turns were judged by token F1 (`f1_rule`)."""
+    out: dict[str, dict[str, Any]] = {}
     for m in METRICS:
         if m == "executed_ok":
             vals = [not s.exec_error for s in scores if s.executed]
@@ -235,6 +324,7 @@ def summarize(scores: Sequence[Scored], z: float = 1.96) -> dict[str, dict[str, 
         k, n = sum(vals), len(vals)
         lo, hi = wilson(k, n, z)
         out[m] = {"k": k, "n": n, "accuracy": k / n if n else None, "lo": lo, "hi": hi}
+    out["answer"]["f1_rule"] = sum(s.answer_rule == "f1" for s in scores)
     return out
 
 
@@ -248,6 +338,7 @@ class Generations:
     generated_tokens: list[int]
     prompt_tokens: int
     seconds: float
+    reused_tokens: int = 0  # prompt tokens served from the prefix cache instead of prefilled
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -255,30 +346,131 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
                                          add_generation_prompt=True, return_dict=False)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefill(model: Any, cache: list[Any], tokens: Sequence[int], step: int = 2048) -> None:
+    """Run `tokens` through the model into `cache` (which then holds them after its contents)."""
+    import mlx.core as mx
+
+    for i in range(0, len(tokens), step):
+        model(mx.array(tokens[i:i + step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def _rewind(model: Any, cache: list[Any], keep: int) -> tuple[list[Any], int]:
+    """Trim `cache` to its first `keep` tokens; a fresh cache and 0 where it can't go back that
+    far (e.g. a sliding-window layer that has already dropped them)."""
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    trim_prompt_cache(cache, max(0, max(c.size() for c in cache) - keep))
+    if any(c.size() != keep for c in cache):
+        return make_prompt_cache(model), 0
+    return cache, keep
+
+
+def _stream_one(model: Any, tokenizer: Any, ids: Sequence[int], max_tokens: int,
+                cache: list[Any] | None) -> list[int]:
+    from mlx_lm.generate import stream_generate
+
+    # The "stop" response carries the eos token: not part of the completion.
+    return [r.token for r in stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens,
+                                             prompt_cache=cache)
+            if r.finish_reason != "stop"]
+
+
+def _sequential(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int,
+                reuse: bool) -> tuple[list[list[int]], int]:
+    """One prompt at a time. With `reuse`, prompts run in sorted token order through one KV cache
+    that is trimmed back to the prefix shared with the previous prompt (a depth-first walk of
+    the prompts' token trie), so every shared prefix is prefilled once."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    outs: list[list[int]] = [[] for _ in ids]
+    if not reuse:
+        for i, p in enumerate(ids):
+            outs[i] = _stream_one(model, tokenizer, p, max_tokens, None)
+        return outs, 0
+    cache = make_prompt_cache(model)
+    prev: list[int] = []
+    reused = 0
+    for i in sorted(range(len(ids)), key=ids.__getitem__):
+        p = ids[i]
+        keep = min(common_prefix(prev, p), len(p) - 1)  # feed at least one token
+        # Drops the rest of `prev` and what was generated after it.
+        cache, keep = _rewind(model, cache, keep)
+        outs[i] = _stream_one(model, tokenizer, p[keep:], max_tokens, cache)
+        reused += keep
+        prev = p
+    return outs, reused
+
+
+def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, batch_size: int,
+             reuse: bool) -> tuple[list[list[int]], int]:
+    """batch_generate over chunks of `batch_size` prompts. With `reuse`, chunks are consecutive
+    prompts in sorted token order, and each chunk starts from one cache of its common prefix
+    (kept in a running cache, trimmed and extended from chunk to chunk)."""
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    outs: list[list[int]] = [[] for _ in ids]
+    order = sorted(range(len(ids)), key=ids.__getitem__) if reuse else list(range(len(ids)))
+    cache = make_prompt_cache(model) if reuse else None
+    have: list[int] = []  # the tokens `cache` holds
+    reused = 0
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        caches = None
+        keep = 0
+        if reuse:
+            first = ids[chunk[0]]
+            keep = min(len(ids[j]) for j in chunk) - 1
+            for j in chunk[1:]:
+                keep = min(keep, common_prefix(first, ids[j]))
+            cache, done = _rewind(model, cache, min(common_prefix(have, first), keep))
+            _prefill(model, cache, first[done:keep])
+            have = first[:keep]
+            caches = [cache] * len(chunk)  # batch_generate merges (copies) them
+            reused += keep * len(chunk) - (keep - done)
+        resp = batch_generate(model, tokenizer, [ids[j][keep:] for j in chunk],
+                              prompt_caches=caches, max_tokens=max_tokens, return_token_ids=True,
+                              completion_batch_size=len(chunk),
+                              prefill_batch_size=min(len(chunk), 8))
+        for j, t in zip(chunk, resp.token_ids):
+            outs[j] = t
+    return outs, reused
+
+
 def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int,
-                     batch_size: int = 1) -> Generations:
-    """Greedy completions: batch_generate when batch_size > 1, else stream_generate."""
-    from mlx_lm.generate import batch_generate, stream_generate
+                     batch_size: int = 1, prefix_cache: bool = True) -> Generations:
+    """Greedy completions: batch_generate in chunks when batch_size > 1, else stream_generate.
+
+    `prefix_cache` reuses the KV cache of token prefixes that prompts share (the system prompt
+    and tool schemas, and earlier turns of the same conversation) instead of prefilling them
+    again; outputs are the same as without it. Models whose cache can't be trimmed (e.g.
+    recurrent layers) run without it."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
     ids = [prompt_ids(tokenizer, p) for p in prompts]
+    reuse = prefix_cache and can_trim_prompt_cache(make_prompt_cache(model))
     tic = time.perf_counter()
     if batch_size > 1:
-        resp = batch_generate(model, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True,
-                              completion_batch_size=batch_size,
-                              prefill_batch_size=min(batch_size, 8))
-        outs = resp.token_ids
+        outs, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse)
     else:
-        outs = []
-        for p in ids:
-            toks = [r.token for r in stream_generate(model, tokenizer, p, max_tokens=max_tokens)
-                    if r.finish_reason != "stop"]  # the "stop" response carries the eos token
-            outs.append(toks)
+        outs, reused = _sequential(model, tokenizer, ids, max_tokens, reuse)
     seconds = time.perf_counter() - tic
     # Decode both paths the same way, special tokens kept, so an invented turn shows up.
     return Generations(texts=[tokenizer.decode(t) for t in outs],
                        finish_reasons=["length" if len(t) >= max_tokens else "stop" for t in outs],
                        generated_tokens=[len(t) for t in outs],
-                       prompt_tokens=sum(map(len, ids)), seconds=seconds)
+                       prompt_tokens=sum(map(len, ids)), seconds=seconds, reused_tokens=reused)
 
 
 def adapter_bytes(adapter_dir: Path | None) -> int | None:
@@ -311,7 +503,8 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
     model.eval()
     load_adapter_s = time.perf_counter() - tic
 
-    gen = generate(model, tokenizer, prompts, spec.max_tokens, spec.batch_size)
+    gen = generate(model, tokenizer, prompts, spec.max_tokens, spec.batch_size,
+                   prefix_cache=spec.prefix_cache)
     markers = markers_of(tokenizer)
     results, scores = [], []
     for i, p in enumerate(prompts):
@@ -321,26 +514,49 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
         results.append({
             "id": p.id, "example_id": p.example_id, "source": p.source, "kind": p.kind,
             "held_out": p.held_out, "expected": {"name": p.expected_name,
-                                                 "arguments": p.expected_arguments},
+                                                 "arguments": p.expected_arguments,
+                                                 "text": p.expected_text},
             "output": gen.texts[i], "finish_reason": gen.finish_reasons[i],
             "generated_tokens": gen.generated_tokens[i], "parsed": asdict(parsed),
             "score": asdict(s)})
     n_tokens = sum(gen.generated_tokens)
-    by_source: dict[str, list[int]] = {}
-    for p, s in zip(prompts, scores):
-        by_source.setdefault(p.source, [0, 0])
-        by_source[p.source][0] += s.correct
-        by_source[p.source][1] += 1
+    by_source: dict[str, dict[str, Any]] = {}
+    for p, s in sorted(zip(prompts, scores), key=lambda ps: ps[0].source):
+        row = by_source.setdefault(p.source, {"k": 0, "n": 0, "tool_call": {"k": 0, "n": 0},
+                                              "answer": {"k": 0, "n": 0}})
+        row["k"] += s.correct  # overall
+        row["n"] += 1
+        part = row["tool_call" if p.expects_call else "answer"]
+        part["k"] += s.correct
+        part["n"] += 1
     return {
         "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
         "spec": spec.model_dump(), "prompts": len(prompts),
         "load_s": load_model_s + load_adapter_s, "load_model_s": load_model_s,
         "load_adapter_s": load_adapter_s, "gen_s": gen.seconds,
         "gen_s_per_prompt": gen.seconds / len(prompts), "generated_tokens": n_tokens,
+        "prompt_tokens": gen.prompt_tokens, "reused_prompt_tokens": gen.reused_tokens,
         "tokens_per_s": n_tokens / gen.seconds if gen.seconds > 0 else None,
         "truncated": sum(r == "length" for r in gen.finish_reasons),
         "adapter_bytes": adapter_bytes(adapter_dir),
         "metrics": summarize(scores),
-        "by_source": {k: {"k": v[0], "n": v[1]} for k, v in sorted(by_source.items())},
+        "by_source": by_source,
         "results": results,
     }
+
+
+def eval_job(payload: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None
+             ) -> dict[str, Any]:
+    """Worker entry: collect the prompts, then `evaluate_model` (runs with the fast BLAS)."""
+    from codeadapt.prompts import collect_prompts
+
+    spec = EvalSpec.model_validate(payload["spec"])
+    fixed = Path(payload["fixed_set"]) if payload.get("fixed_set") else None
+    prompts = collect_prompts(Path(payload["data_dir"]), Path(payload["repos_dir"]), spec.split,
+                              spec.hold_out_sources, fixed)
+    adapter = Path(payload["adapter_dir"]) if payload.get("adapter_dir") else None
+    result = evaluate_model(Path(payload["model_dir"]), adapter, prompts, spec)
+    from codeadapt.worker import blas_in_use
+
+    result["blas"] = blas_in_use()
+    return result

@@ -1,5 +1,7 @@
 """The phase comparison: one table row per adapter (plus the base model) from evaluation
-results, written as `adapters/REPORT.md` with a bar chart of accuracy and its 95% interval."""
+results, written as `adapters/REPORT.md` with a bar chart of the tool-call accuracy (headline)
+and the overall accuracy, each with its 95% Wilson interval. Metric definitions:
+`codeadapt.evaluate`."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Any
 REPORT_FILE = "REPORT.md"
 CHART_FILE = "accuracy.png"
 BASE = "base"
-# Column order of the per-metric accuracies; "correct" is the headline accuracy.
-METRIC_COLUMNS = ("format", "decision", "name", "arguments", "stop", "executed_ok")
+# Headline: "accuracy" is the tool-call accuracy (turns that expect a call); "overall" is
+# "correct" (every turn by its own criterion). Then the per-check rates, in this order.
+HEADLINE, OVERALL = "tool_call", "correct"
+METRIC_COLUMNS = ("decision", "format", "name", "arguments", "stop", "answer", "executed_ok")
 
 
 def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -22,7 +26,10 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     flat = []
     for row in rows:
         ev = row["eval"]
-        correct = ev["metrics"]["correct"]
+        metrics = ev["metrics"]
+        head = metrics.get(HEADLINE, {})  # absent from results older than the metric
+        overall = metrics[OVERALL]
+        answer = metrics.get("answer", {})
         flat.append({
             "phase": row["phase"],
             "examples": row.get("examples"),
@@ -30,10 +37,16 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "load_s": ev["load_s"],
             "gen_s_per_prompt": ev["gen_s_per_prompt"],
             "tokens_per_s": ev.get("tokens_per_s"),
-            "accuracy": correct["accuracy"],
-            "lo": correct["lo"],
-            "hi": correct["hi"],
-            **{m: ev["metrics"].get(m, {}).get("accuracy") for m in METRIC_COLUMNS},
+            "accuracy": head.get("accuracy"),
+            "lo": head.get("lo"),
+            "hi": head.get("hi"),
+            "tool_call_turns": head.get("n"),
+            "overall": overall["accuracy"],
+            "overall_lo": overall["lo"],
+            "overall_hi": overall["hi"],
+            **{m: metrics.get(m, {}).get("accuracy") for m in METRIC_COLUMNS},
+            "answer_turns": answer.get("n"),
+            "answer_f1_rule": answer.get("f1_rule"),
             "adapter_bytes": ev.get("adapter_bytes"),
         })
     bases = [r for r in flat if r["phase"] == BASE]
@@ -61,15 +74,19 @@ def _num(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _ci(v: float | None, lo: float | None, hi: float | None) -> str:
+    return "–" if v is None else f"{_pct(v)} [{_pct(lo)}, {_pct(hi)}]"
+
+
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
     head = ["phase", "train examples", "prompts", "load s", "gen s/prompt", "tokens/s",
-            "accuracy (95% CI)", *METRIC_COLUMNS, "adapter size"]
+            "tool-call accuracy (95% CI)", "overall (95% CI)", *METRIC_COLUMNS, "adapter size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["phase"], "–" if r["examples"] is None else str(r["examples"]), str(r["prompts"]),
                  _num(r["load_s"], ".2f"), _num(r["gen_s_per_prompt"], ".3f"),
-                 _num(r["tokens_per_s"], ".0f"),
-                 f"{_pct(r['accuracy'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]",
+                 _num(r["tokens_per_s"], ".0f"), _ci(r["accuracy"], r["lo"], r["hi"]),
+                 _ci(r["overall"], r["overall_lo"], r["overall_hi"]),
                  *(_pct(r[m]) for m in METRIC_COLUMNS), _size(r["adapter_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -95,18 +112,54 @@ def _chart(table: Sequence[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["phase"] for r in table]
-    acc = [r["accuracy"] or 0.0 for r in table]
-    err = [[a - r["lo"] for a, r in zip(acc, table)], [r["hi"] - a for a, r in zip(acc, table)]]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    ax.bar(names, acc, yerr=err, capsize=6, color=["#999999"] + ["#3b75af"] * (len(names) - 1))
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (turn fully correct)")
+    fig, ax = plt.subplots(figsize=(1.5 * len(names) + 2.5, 3.8))
+    width = 0.38
+    series = [("tool-call accuracy", "accuracy", "lo", "hi", "#3b75af", -width / 2),
+              ("overall (calls + answers)", "overall", "overall_lo", "overall_hi", "#9dbbd8",
+               width / 2)]
+    for label, key, lo_key, hi_key, color, shift in series:
+        vals = [r[key] or 0.0 for r in table]
+        los = [r[lo_key] if r[key] is not None else 0.0 for r in table]
+        his = [r[hi_key] if r[key] is not None else 0.0 for r in table]
+        xs = [x + shift for x in range(len(names))]
+        err = [[v - lo for v, lo in zip(vals, los)], [hi - v for v, hi in zip(vals, his)]]
+        ax.bar(xs, vals, width, yerr=err, capsize=4, color=color, label=label)
+        for x, v, hi, r in zip(xs, vals, his, table):
+            text = "–" if r[key] is None else f"{100 * v:.0f}%"
+            ax.text(x, min(hi + 0.02, 1.0), text, ha="center", fontsize=8)  # above the bar
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("accuracy")
     ax.set_title("Eval accuracy per phase, 95% Wilson interval")
-    for x, (a, r) in enumerate(zip(acc, table)):
-        ax.text(x, min(r["hi"] + 0.02, 0.95), f"{100 * a:.0f}%", ha="center")  # above the bar
+    ax.legend(loc="upper left", fontsize=8, frameon=False, ncols=2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
+
+
+METRICS_NOTE = (
+    "**Tool-call accuracy** (the headline) counts only turns that expect a tool call: the "
+    "output is a well-formed call to the right tool with matching arguments (grep: a pattern "
+    "that finds the same lines on the checkout also matches) and nothing after it. "
+    "**Overall** scores every turn by its own criterion: tool-call turns as above, answer "
+    "turns by `answer`. `answer` counts turns that expect a direct or final answer: no "
+    "tool-call markup or invented turns, and every fact token of the expected answer "
+    "(backticked spans and code lines, quoted strings, file paths, numbers) appears in the "
+    "output; expected answers without fact tokens (free-text paraphrases) need a token F1 of "
+    "at least 0.5 against it instead. `decision` (call vs answer), `format` and `stop` count "
+    "every turn; `name`/`arguments` the turns that expect a call; `executed_ok` the model's "
+    "calls that ran without a tool error. Intervals are 95% Wilson intervals. Adapter size is "
+    "the final `adapters.safetensors` only.\n"
+)
+
+
+def _f1_note(table: Sequence[dict[str, Any]]) -> str:
+    parts = [f"{r['phase']} {r['answer_f1_rule']}/{r['answer_turns']}" for r in table
+             if r.get("answer_f1_rule") is not None]
+    if not parts:
+        return ""
+    return ("\nAnswer turns scored by token F1 >= 0.5 because the expected answer has no fact "
+            "tokens: " + ", ".join(parts) + ".\n")
 
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "Adapter report",
@@ -118,12 +171,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "Ad
     _atomic_write(out_dir / CHART_FILE, lambda tmp: _chart(table, tmp))
     text = (
         f"# {title}\n\n{markdown_table(table)}\n![accuracy per phase]({CHART_FILE})\n\n"
-        "Accuracy: the predicted turn has a well-formed tool call or answer, makes the right "
-        "decision (call or answer), calls the right tool with matching arguments (grep: same "
-        "results on the checkout also match), and stops after the call. Intervals are 95% "
-        "Wilson intervals. `name`/`arguments` count turns that expect a call; `executed_ok` "
-        "counts the model's calls that ran without a tool error. Adapter size is the final "
-        "`adapters.safetensors` only.\n"
+        + METRICS_NOTE + _f1_note(table)
         + (f"\n{notes.strip()}\n" if notes.strip() else "")
     )
     path = out_dir / REPORT_FILE

@@ -140,9 +140,10 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(cached)
-    m = result["metrics"]["correct"]
-    get_run_logger().info("%s: accuracy %.1f%% [%.1f, %.1f] on %d prompts", label, 100 * m["accuracy"],
-                          100 * m["lo"], 100 * m["hi"], result["prompts"])
+    m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
+    get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
+                          label, 100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"],
+                          100 * c["accuracy"], result["prompts"])
     return result
 
 

@@ -30,7 +30,7 @@ def test_nothing_changed():
 
 
 def ev(acc: float, lo: float, hi: float) -> dict:
-    return {"metrics": {"correct": {"accuracy": acc, "lo": lo, "hi": hi}}}
+    return {"metrics": {"tool_call": {"accuracy": acc, "lo": lo, "hi": hi}}}
 
 
 def test_promotion_only_refuses_worse_beyond_the_intervals():

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from codeadapt import base, chat
+from codeadapt import base, chat, prompts
 from codeadapt import evaluate as ev
 
 CALL = '<tool_call>\n{"name": "grep", "arguments": {"pattern": "^class Foo\\\\b", "glob": "*.py"}}\n</tool_call>'
@@ -199,6 +200,98 @@ def test_call_when_a_direct_answer_was_expected(repo: Path) -> None:
 def test_direct_answer_when_expected_is_correct(repo: Path) -> None:
     s = ev.score(_prompt(repo, name=None), ev.parse_output("It is in pkg/a.py."), repo)
     assert s.correct and not s.executed and s.exec_error is None
+    assert (s.answer, s.tool_call, s.answer_rule, s.answer_missing) == (True, None, "facts", ())
+
+
+def test_direct_answer_without_the_facts_is_wrong(repo: Path) -> None:
+    s = ev.score(_prompt(repo, name=None), ev.parse_output("It is somewhere in the package."), repo)
+    assert s.format and s.decision and s.stop and s.answer is False and not s.correct
+    assert s.failure == "answer" and s.answer_missing == ("pkg/a.py",)
+
+
+def test_tool_call_turn_scores_tool_call_not_answer(repo: Path) -> None:
+    s = ev.score(_prompt(repo), ev.parse_output(CALL), repo)
+    assert (s.tool_call, s.answer, s.answer_rule) == (True, None, None)
+    s = ev.score(_prompt(repo), ev.parse_output(CALL + " Done."), repo)
+    assert s.tool_call is False
+
+
+# ---- answer matching -----------------------------------------------------------------------
+
+EXPECTED_READ = ('`NotCallableError` is in `attr/exceptions.py`, lines 81–95. Its definition line '
+                 'is:\n\n```python\nclass NotCallableError(TypeError):\n```\n\nIts docstring '
+                 'starts: "A field requiring a `callable` has been set"')
+
+
+def test_answer_facts_are_code_quotes_paths_and_numbers() -> None:
+    assert ev.answer_facts(EXPECTED_READ) == [
+        "NotCallableError", "attr/exceptions.py", "class NotCallableError(TypeError):",
+        "A field requiring a `callable` has been set", "81", "95"]
+    assert ev.answer_facts('The `<html>` tag on line 2 declares `lang="en"`.') == [
+        "<html>", 'lang="en"', "2"]
+    assert ev.answer_facts("Headings in forms/search.html:\n- h1 \"Advanced search\" (line 16)"
+                           ) == ["Advanced search", "forms/search.html", "16"]
+    assert ev.answer_facts("See pydantic/v1/types.py and setup.py, 3 times; and/or h1.") == [
+        "pydantic/v1/types.py", "setup.py", "3"]
+    assert ev.answer_facts("Handles returning 500 responses.") == ["500"]
+    assert ev.answer_facts("Greenlet-specific code that pretends to be local.") == []
+
+
+@pytest.mark.parametrize(
+    "output, ok, missing",
+    [
+        ("`NotCallableError` (attr/exceptions.py, lines 81-95): class NotCallableError(TypeError):"
+         "  docstring \"A field requiring a `callable`   has been set\"", True, ()),
+        ("NotCallableError is in attr/exceptions.py, lines 81-96. class NotCallableError(TypeError):"
+         " A field requiring a `callable` has been set", False, ("95",)),
+        ("NotCallableError is in attr/exceptions.py, lines 811-950. class NotCallableError(TypeError):"
+         " A field requiring a `callable` has been set", False, ("81", "95")),  # whole numbers
+        ("It is in attr/exceptions.py.", False,
+         ("NotCallableError", "class NotCallableError(TypeError):",
+          "A field requiring a `callable` has been set", "81", "95")),
+    ],
+)
+def test_match_answer_needs_every_fact(output: str, ok: bool, missing: tuple) -> None:
+    m = ev.match_answer(output, EXPECTED_READ)
+    assert (m.ok, m.rule, m.missing) == (ok, "facts", missing)
+
+
+def test_match_answer_falls_back_to_token_f1_without_facts() -> None:
+    expected = "A frozen attribute has been attempted to be modified."
+    m = ev.match_answer("A frozen attribute was modified.", expected)
+    assert m.rule == "f1" and m.ok and m.f1 == pytest.approx(2 * (4 / 5) * (4 / 9) / (4 / 5 + 4 / 9),
+                                                             abs=1e-4)
+    m = ev.match_answer("It reads the configuration file.", expected)
+    assert m.rule == "f1" and not m.ok and m.f1 == 0.0
+    assert ev.token_f1("", expected) == 0.0 and ev.token_f1(expected, expected) == 1.0
+
+
+def test_answer_with_tool_call_markup_or_invented_turns_is_wrong(repo: Path) -> None:
+    prompt = _prompt(repo, name=None)
+    for text in (CALL + "\nIt is in pkg/a.py.", "It is in pkg/a.py. </tool_call>",
+                 "It is in pkg/a.py.<|im_start|>user\nthanks", "<tool_response>pkg/a.py"):
+        s = ev.score(prompt, ev.parse_output(text), repo)
+        assert s.answer is False and not s.correct, text
+
+
+GARBAGE = ["", "the the the", "pkg a py class", "1 2 3 4 5", "<tool_call>\n{\"name\": ",
+           '<tool_call>\n{"name": "grep", "arguments": {"pattern": "zzz"}}\n</tool_call>',
+           '<tool_call>\n{"name": "read_file", "arguments": {"path": "pkg/a.py"}}\n</tool_call>',
+           "<|im_start|>assistant\n<tool_call>", "</tool_call> It is", "\u0000\ufffd def class"]
+
+
+def test_garbage_scores_zero_on_tool_call_and_answer(repo: Path) -> None:
+    # Whatever a random model happens to "decide", it must not score on the headline or answers.
+    ps = [_prompt(repo), _prompt(repo, name="read_file", arguments={"path": "pkg/b.txt"}),
+               _prompt(repo, name=None),
+               replace(_prompt(repo, name=None), kind="direct_symbol",
+                       expected_text="A base class that does nothing yet.")]
+    scores = [ev.score(p, ev.parse_output(t), repo) for p in ps for t in GARBAGE]
+    m = ev.summarize(scores)
+    assert m["tool_call"]["k"] == 0 and m["tool_call"]["n"] == 2 * len(GARBAGE)
+    assert m["answer"]["k"] == 0 and m["answer"]["n"] == 2 * len(GARBAGE)
+    assert m["correct"]["k"] == 0 and m["decision"]["k"] > 0  # some "decide" right, by chance
+    assert m["answer"]["f1_rule"] == len(GARBAGE)
 
 
 def test_bad_regex_from_the_model_is_an_exec_error_not_a_crash(repo: Path) -> None:
@@ -220,15 +313,20 @@ def test_wilson_interval() -> None:
         ev.wilson(3, 2)
 
 
-def test_summarize_counts_name_and_arguments_over_expected_calls(repo: Path) -> None:
+def test_summarize_counts_each_metric_over_the_turns_it_applies_to(repo: Path) -> None:
     scores = [ev.score(_prompt(repo), ev.parse_output(CALL), repo),
+              ev.score(_prompt(repo, name=None), ev.parse_output("It is in pkg/a.py."), repo),
               ev.score(_prompt(repo, name=None), ev.parse_output("answer"), repo),
               ev.score(_prompt(repo), ev.parse_output("no call"), repo)]
     m = ev.summarize(scores)
-    assert (m["correct"]["k"], m["correct"]["n"]) == (2, 3)
+    assert set(m) == set(ev.METRICS)
+    assert (m["tool_call"]["k"], m["tool_call"]["n"]) == (1, 2)
+    assert (m["answer"]["k"], m["answer"]["n"], m["answer"]["f1_rule"]) == (1, 2, 0)
+    assert (m["correct"]["k"], m["correct"]["n"]) == (2, 4)
+    assert (m["decision"]["k"], m["decision"]["n"]) == (3, 4)
     assert (m["name"]["k"], m["name"]["n"]) == (1, 2)
     assert (m["executed_ok"]["k"], m["executed_ok"]["n"]) == (1, 1)
-    assert m["correct"]["lo"] < 2 / 3 < m["correct"]["hi"]
+    assert m["correct"]["lo"] < 1 / 2 < m["correct"]["hi"]
 
 
 # ---- generation and evaluate_model on a micro random base ----------------------------------
@@ -266,19 +364,56 @@ def _prompts(repo: Path, n: int) -> list[ev.Prompt]:
     return [_prompt(repo) if i % 2 == 0 else _prompt(repo, name=None) for i in range(n)]
 
 
-def test_sequential_and_batched_generation(micro: Path, repo: Path) -> None:
+def _varied_prompts(repo: Path) -> list[ev.Prompt]:
+    """Prompts that share prefixes in every way the eval sets do: the same system prompt and
+    tools, another repo's system prompt, later turns of one conversation (an earlier turn's
+    prompt is a prefix of the next one's), and an exact duplicate."""
+    record = {"messages": [chat.system("pkg"), chat.user("Where is Foo?"),
+                           chat.tool_call("c1", "grep", {"pattern": "^class Foo"}),
+                           chat.tool_result("c1", "grep", "pkg/a.py:1:class Foo:"),
+                           chat.assistant("It is in pkg/a.py, line 1.")],
+              "tools": list(chat.tool_schemas())}
+    conv = prompts.prompts_of(record, "c", "pkg", "grep_class", str(repo))
+    other = replace(_prompt(repo), id="o#2", messages=(chat.system("other"), chat.user("Where?")))
+    return [_prompt(repo), *conv, other, _prompt(repo, name=None),
+            replace(_prompt(repo), messages=(chat.system("pkg"), chat.user("What is Bar?"))),
+            _prompt(repo)]
+
+
+def test_prefix_cache_and_batching_give_the_same_greedy_outputs(micro: Path, repo: Path) -> None:
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(micro))
-    ps = _prompts(repo, 3)
-    seq = ev.generate_outputs(model, tokenizer, ps, max_tokens=8, batch_size=1)
-    bat = ev.generate_outputs(model, tokenizer, ps, max_tokens=8, batch_size=4)
-    for g in (seq, bat):
-        assert len(g.texts) == 3 and all(isinstance(t, str) for t in g.texts)
-        assert all(0 <= n <= 8 for n in g.generated_tokens) and g.seconds > 0
-        assert set(g.finish_reasons) <= {"stop", "length"}
-        assert g.prompt_tokens == 3 * len(ev.prompt_ids(tokenizer, ps[0]))
-    assert seq.generated_tokens == bat.generated_tokens  # greedy: same lengths either way
+    ps = _varied_prompts(repo)
+    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
+    assert ids[2][:len(ids[1])] == ids[1] and ids[0] == ids[-1]  # what the cache must handle
+    plain = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=1,
+                                prefix_cache=False)
+    assert plain.reused_tokens == 0 and plain.prompt_tokens == sum(map(len, ids))
+    for bs in (1, 3):
+        g = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=bs)
+        assert g.texts == plain.texts and g.generated_tokens == plain.generated_tokens, bs
+        assert g.finish_reasons == plain.finish_reasons
+        assert 0 < g.reused_tokens < g.prompt_tokens and g.seconds > 0
+    unbatched = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=3,
+                                    prefix_cache=False)
+    assert unbatched.texts == plain.texts
+    assert all(0 <= n <= 12 for n in plain.generated_tokens)
+    assert set(plain.finish_reasons) <= {"stop", "length"}
+
+
+def test_prefix_cache_reuses_every_shared_prefix_once(micro: Path, repo: Path) -> None:
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    ps = _varied_prompts(repo)
+    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
+    g = ev.generate_outputs(model, tokenizer, ps, max_tokens=2, batch_size=1)
+    # Sorted order walks the token trie: each prompt reuses its prefix shared with the previous
+    # one (one token short for a duplicate, which must feed at least one token).
+    order = sorted(ids)
+    want = sum(min(ev.common_prefix(a, b), len(b) - 1) for a, b in zip([[]] + order, order))
+    assert g.reused_tokens == want > sum(map(len, ids)) // 2
 
 
 def test_evaluate_model_scores_garbage_as_invalid(micro: Path, adapter: Path, repo: Path) -> None:
@@ -286,6 +421,8 @@ def test_evaluate_model_scores_garbage_as_invalid(micro: Path, adapter: Path, re
     result = ev.evaluate_model(micro, adapter, _prompts(repo, 4), spec)
     assert result["prompts"] == 4 and len(result["results"]) == 4
     assert result["metrics"]["correct"]["k"] == 0 and result["metrics"]["correct"]["n"] == 4
+    assert result["metrics"]["tool_call"]["k"] == 0 and result["metrics"]["answer"]["k"] == 0
+    assert result["reused_prompt_tokens"] > 0  # the default prefix cache was used
     assert result["metrics"]["name"]["n"] == 2
     assert result["adapter_bytes"] == (adapter / "adapters.safetensors").stat().st_size
     assert result["load_adapter_s"] > 0 and result["load_s"] >= result["load_model_s"]
@@ -297,8 +434,9 @@ def test_evaluate_model_scores_garbage_as_invalid(micro: Path, adapter: Path, re
 
 def test_evaluate_model_uses_the_templates_parser(micro: Path, repo: Path) -> None:
     # A fake generator that answers perfectly: everything must score correct.
-    def perfect(model: Any, tokenizer: Any, prompts: list, max_tokens: int, batch_size: int):
-        assert tokenizer.has_tool_calling
+    def perfect(model: Any, tokenizer: Any, prompts: list, max_tokens: int, batch_size: int,
+                prefix_cache: bool):
+        assert tokenizer.has_tool_calling and prefix_cache
         texts = [CALL if p.expects_call else "It is in pkg/a.py." for p in prompts]
         n = len(prompts)
         return ev.Generations(texts, ["stop"] * n, [10] * n, 100, 0.5)
@@ -306,6 +444,11 @@ def test_evaluate_model_uses_the_templates_parser(micro: Path, repo: Path) -> No
     result = ev.evaluate_model(micro, None, _prompts(repo, 4), ev.EvalSpec(), generate=perfect)
     assert result["metrics"]["correct"] == {"k": 4, "n": 4, "accuracy": 1.0,
                                             "lo": pytest.approx(0.5101, abs=1e-4), "hi": 1.0}
+    assert result["metrics"]["tool_call"]["k"] == result["metrics"]["tool_call"]["n"] == 2
+    assert result["metrics"]["answer"]["k"] == result["metrics"]["answer"]["n"] == 2
+    assert result["by_source"]["pkg"] == {"k": 4, "n": 4, "tool_call": {"k": 2, "n": 2},
+                                          "answer": {"k": 2, "n": 2}}
+    assert result["results"][1]["expected"]["text"] == "It is in pkg/a.py."
     assert result["adapter_bytes"] is None and result["tokens_per_s"] == 80.0
 
 

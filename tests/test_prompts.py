@@ -93,7 +93,7 @@ def test_fixed_set_loads_and_covers_every_source() -> None:
     ps = prompts.load_fixed_set(FIXED, Path("/nowhere"))
     assert 20 <= len(ps) <= 32
     settings = load_settings(ROOT / "pipeline.toml")
-    assert {p.source for p in ps} == set(settings.active_sources())
+    assert {p.source for p in ps} == set(settings.phase_sources("phase7"))
     assert sum(p.expects_call for p in ps) >= 10 and sum(not p.expects_call for p in ps) >= 10
     assert len({p.id for p in ps}) == len(ps)
 
@@ -101,7 +101,7 @@ def test_fixed_set_loads_and_covers_every_source() -> None:
 def test_fixed_set_tool_results_replay_on_the_offline_snapshots(tmp_path: Path) -> None:
     # The yardstick's results must be what the tools give on data/repos/<source> (offline).
     settings = load_settings(ROOT / "pipeline.toml")
-    for name, spec in settings.active_sources().items():
+    for name, spec in settings.phase_sources("phase7").items():
         sources.sync_source(name, spec, tmp_path, ROOT)
     for line in FIXED.read_text().splitlines():
         record = json.loads(line)

@@ -12,10 +12,13 @@ from codeadapt import evaluate, report
 
 
 def _eval(k: int, n: int, adapter_bytes: int | None) -> dict[str, Any]:
+    """Every metric k/n, except overall ("correct") and answer, which get k + 3 of n + 10."""
     metrics = {}
     for m in evaluate.METRICS:
-        lo, hi = evaluate.wilson(k, n)
-        metrics[m] = {"k": k, "n": n, "accuracy": k / n, "lo": lo, "hi": hi}
+        kk, nn = (k + 3, n + 10) if m in ("correct", "answer") else (k, n)
+        lo, hi = evaluate.wilson(kk, nn)
+        metrics[m] = {"k": kk, "n": nn, "accuracy": kk / nn, "lo": lo, "hi": hi}
+    metrics["answer"]["f1_rule"] = 2
     return {"prompts": n, "load_s": 0.25, "gen_s_per_prompt": 0.125, "tokens_per_s": 512.0,
             "adapter_bytes": adapter_bytes, "metrics": metrics}
 
@@ -31,9 +34,21 @@ def test_phase_table_puts_base_first_and_flattens() -> None:
     table = report.phase_table(ROWS)
     assert [r["phase"] for r in table] == ["base", "phase6", "phase5"]
     row = table[1]
+    # The headline is the tool-call accuracy; overall is reported beside it.
     assert row["examples"] == 587 and row["accuracy"] == 0.6 and row["lo"] < 0.6 < row["hi"]
+    assert row["overall"] == 0.525 and row["overall_lo"] < 0.525 < row["overall_hi"]
     assert row["adapter_bytes"] == 3 * 1024 * 1024 and row["format"] == 0.6
+    assert row["answer"] == 0.525 and (row["answer_turns"], row["answer_f1_rule"]) == (40, 2)
+    assert row["tool_call_turns"] == 30
     assert table[0]["adapter_bytes"] is None
+
+
+def test_phase_table_tolerates_results_without_tool_call_accuracy() -> None:
+    old = _eval(3, 30, None)
+    del old["metrics"]["tool_call"]
+    row = report.phase_table([{"phase": "base", "eval": old}])[0]
+    assert row["accuracy"] is None and row["overall"] == 6 / 40
+    assert "| – | 15.0% [" in report.markdown_table([row])
 
 
 def test_phase_table_needs_one_base_row() -> None:
@@ -47,10 +62,16 @@ def test_write_report_writes_table_and_chart_atomically(tmp_path: Path) -> None:
     assert path == out / "REPORT.md"
     text = path.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    assert lines[0].startswith("| phase | train examples | prompts | load s")
-    assert lines[1].startswith("| base | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%]")
+    assert lines[0] == ("| phase | train examples | prompts | load s | gen s/prompt | tokens/s | "
+                        "tool-call accuracy (95% CI) | overall (95% CI) | decision | format | "
+                        "name | arguments | stop | answer | executed_ok | adapter size |")
+    assert lines[1].startswith("| base | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%] | "
+                               "7.5% [2.6%, 19.9%] | 0.0% |")
     assert "| phase6 | 587 | 30 |" in lines[2] and lines[2].endswith("| 3.0 MiB |")
     assert "![accuracy per phase](accuracy.png)" in text and "Fixed set" in text
+    assert "**Tool-call accuracy** (the headline)" in text and "token F1 of at least 0.5" in text
+    assert "scored by token F1 >= 0.5 because the expected answer has no fact tokens: base 2/40, " \
+           "phase6 2/40, phase5 2/40." in text
     png = (out / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert sorted(os.listdir(out)) == ["REPORT.md", "accuracy.png"]  # no temp files left
