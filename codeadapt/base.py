@@ -19,6 +19,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
+from codeadapt.fsutil import replace_dir
+
 BASE_VERSION = "1"  # bump when the files written for the same inputs change
 
 PAD = "<|pad|>"
@@ -257,7 +259,7 @@ def make_tiny_base(out_dir: Path, corpus: Iterable[str], args: TinyBaseArgs) -> 
         }
         _write_json(tmp / INFO_FILE, info)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,14 +268,3 @@ def make_tiny_base(out_dir: Path, corpus: Iterable[str], args: TinyBaseArgs) -> 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` onto `target`; an old `target` is moved aside first, then deleted."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

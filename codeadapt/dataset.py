@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from codeadapt import chat
+from codeadapt.fsutil import replace_dir
 from codeadapt.records import Checkout, Example
 from codeadapt.secrets import redact, redact_text
 
@@ -169,7 +169,6 @@ def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manif
     """Write everything into a temp dir beside `out_dir`, then swap it in."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published dataset is not
     try:
         for split in SPLITS:
             _write_jsonl(tmp / f"{split}.jsonl", rows[split])
@@ -178,13 +177,7 @@ def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manif
         (tmp / "README.md").write_text(data_card(manifest), encoding="utf-8")
         manifest["outputs"]["README.md"] = _sha256(tmp / "README.md")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

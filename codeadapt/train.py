@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from codeadapt.config import TrainSpec
+from codeadapt.fsutil import replace_dir
 
 TRAIN_VERSION = "1"  # bump when checkpoints or outputs for the same inputs change
 PAD_TO = 32  # batch widths are 1 + a multiple of this, like mlx-lm, so compiled shapes repeat
@@ -335,17 +336,6 @@ def _make_trainable(model: Any, spec: TrainSpec) -> None:
             layer.unfreeze()
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` onto `out_dir`; an old `out_dir` is moved aside first, then deleted."""
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_outputs(tmp: Path, model: Any, spec: TrainSpec, base_dir: Path, data_dir: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -460,7 +450,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         metrics["wall_seconds"] = round(run.wall_seconds(), 3)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         plot_losses(metrics, tmp / "loss.png")
-        _publish(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from prefect.concurrency.sync import concurrency
 
 from codeadapt import basemodel, report, train
 from codeadapt.config import EvalSpec, TrainSpec
+from codeadapt.fsutil import replace_dir
 
 GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never share a device
 
@@ -150,14 +149,7 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
 @task(task_run_name="promote[{current.name}]")
 def promote(candidate: Path, current: Path) -> Path:
     """Swap a candidate adapter in (rename; the old one is removed only after the swap)."""
-    old = current.with_name(f".{current.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if current.exists():
-        os.replace(current, old)
-    os.replace(candidate, current)
-    shutil.rmtree(old, ignore_errors=True)
-    return current
+    return replace_dir(candidate, current)
 
 
 @task(task_run_name="check_contamination[{phase}]")
