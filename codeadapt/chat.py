@@ -9,6 +9,8 @@ training and serving byte-identical; a string would be encoded twice in training
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,12 @@ SYSTEM_PROMPT = (
     "You are a coding assistant in the {repo} repository. Use grep or read_file when the "
     "answer depends on the code, else answer directly. State only what tools showed."
 )
+
+
+def format_key() -> str:
+    """Hash of what every example embeds besides its content: system prompt and tool schemas."""
+    blob = json.dumps([SYSTEM_PROMPT, tools_mod.TOOL_SCHEMAS], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def system(repo: str) -> dict[str, Any]:

@@ -239,3 +239,31 @@ source, commit, path, line span, kind, generator version, split), input SHAs and
 
 def checkout_inputs(checkouts: dict[str, Checkout]) -> dict[str, Any]:
     return {n: {k: v for k, v in asdict(c).items() if k not in {"path"}} for n, c in sorted(checkouts.items())}
+
+
+def without_sources(src: Path, dst: Path, sources: Iterable[str]) -> Path:
+    """A copy of dataset `src` at `dst` whose train and valid splits leave out `sources`, so
+    an evaluation can hold whole sources out of training. Rewritten only when `src` changed."""
+    drop = set(sources)
+    manifest = json.loads((src / "manifest.json").read_text())
+    key = hashlib.sha256(json.dumps([manifest["outputs"], sorted(drop)]).encode()).hexdigest()
+    stamp = dst / "holdout.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        entries = manifest["examples"]
+        for split in SPLITS:
+            lines = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+            mine = [e for e in entries if e["split"] == split]
+            keep = [ln for ln, e in zip(lines, mine, strict=True) if split == "test" or e["source"] not in drop]
+            (tmp / f"{split}.jsonl").write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        kept = [e for e in entries if e["split"] == "test" or e["source"] not in drop]
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "examples": kept, "held_out": sorted(drop)},
+                                                      indent=1, sort_keys=True) + "\n")
+        (tmp / "holdout.json").write_text(json.dumps({"key": key, "from": str(src)}))
+        replace_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

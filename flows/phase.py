@@ -6,26 +6,19 @@ every per-source task, so one run does each repo's work once.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from codeadapt import changes, extract, handwritten, html_domain, report, train
+from codeadapt import changes, plan, report, train
 from codeadapt import examples as ex_mod
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
-from codeadapt.dataset import checkout_inputs
-from codeadapt.plan import source_quotas
+from codeadapt.dataset import without_sources
 from codeadapt.records import Checkout, Example, SyncFailure
 from tasks import data as t
 from tasks import ml
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
 def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, Any]]:
@@ -34,7 +27,6 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
     phases = [p for t in targets for p in settings.phase_chain(t)]
     phases = list(dict.fromkeys(phases))
     specs = {n: s for p in phases for n, s in settings.phase_sources(p).items()}
-    groups_all = list(dict.fromkeys(g for p in phases for g in settings.phase_groups(p)))
     root = Path(settings.root)
     repos = settings.resolve(settings.paths.repos)
     names = list(specs)
@@ -48,7 +40,7 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
             failures[name] = t.failure_of(name, specs[name], exc)
             log.error("source %s failed to sync: %s", name, exc)
 
-    quotas = source_quotas(settings)
+    quotas = plan.source_quotas(settings)
     limits = ex_mod.Limits(settings.limits.max_read_lines, settings.limits.max_grep_hits)
     seed = str(settings.seed)
     py = [c for c in checkouts.values() if c.generator == "python"]
@@ -57,8 +49,8 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
     py_futs = t.make_examples.map(py, extractions, [quotas[c.name] for c in py],
                                   unmapped(limits), unmapped(seed))
     html_futs = t.html_examples.map(html, unmapped(seed))
-    hand_files = {g: [settings.resolve(f) for f in spec.handwritten] for g, spec in settings.groups.items()}
-    hand_futs = {f: t.load_handwritten.submit(f) for g in groups_all for f in hand_files[g]}
+    hand_paths = {rel: f for p in phases for rel, f in plan.handwritten_files(settings, p).items()}
+    hand_futs = {rel: t.load_handwritten.submit(f) for rel, f in hand_paths.items()}
 
     per_source: dict[str, list[Example]] = {}
     stats: dict[str, dict[str, int]] = {}
@@ -70,40 +62,24 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
         except Exception as exc:
             failures[co.name] = SyncFailure(co.name, co.origin, f"example generation failed: {exc}")
             log.error("source %s failed: %s", co.name, exc)
-    hand: dict[Path, list[Example]] = {}
-    for f, fut in hand_futs.items():
+    for rel, fut in hand_futs.items():
         try:
-            hand[f] = fut.result()
+            per_source[rel] = fut.result()
         except Exception as exc:  # a malformed line names file:line; the rest still builds
-            failures[os.path.relpath(f, root)] = SyncFailure(str(f), str(f), str(exc))
-            log.error("hand-written set %s rejected: %s", f, exc)
+            failures[rel] = SyncFailure(rel, str(hand_paths[rel]), str(exc))
+            log.error("hand-written set %s rejected: %s", rel, exc)
     for name, fut in zip([c.name for c in py], extractions):
         if fut.state.is_completed():
             stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
 
     manifests = {}
+    data = settings.resolve(settings.paths.data)
     for p in phases:
-        groups = settings.phase_groups(p)
-        members = [n for n in settings.phase_sources(p)]
+        members = [*settings.phase_sources(p), *plan.handwritten_files(settings, p)]
         items: list[Example] = [e for n in members for e in per_source.get(n, [])]
-        hand_used = [f for g in groups for f in hand_files.get(g, [])]
-        rel_hand = [os.path.relpath(f, root) for f in hand_used]
-        for f in hand_used:
-            items += hand.get(f, [])
-        inputs = {
-            "sources": checkout_inputs({n: checkouts[n] for n in members if n in checkouts}),
-            "failed_sources": {n: failures[n].error for n in [*members, *rel_hand] if n in failures},
-            "handwritten": {r: _file_sha(f) for r, f in zip(rel_hand, hand_used)},
-            "groups": {g: settings.groups[g].model_dump() for g in groups},
-            "limits": settings.limits.model_dump(),
-            "seed": settings.seed,
-            "versions": {"extractor": extract.EXTRACTOR_VERSION, "python": ex_mod.GENERATOR_VERSION,
-                         "html": html_domain.HTML_GENERATOR_VERSION,
-                         "handwritten": handwritten.HANDWRITTEN_VERSION, "format": t.FORMAT_KEY},
-        }
-        out_dir = settings.resolve(settings.paths.data) / p
+        inputs = plan.phase_inputs(settings, p, checkouts, {n: f.error for n, f in failures.items()})
         manifests[p] = t.build_dataset.with_options(task_run_name=f"build_dataset[{p}]")(
-            p, items, checkouts, out_dir, settings.split.model_dump(), inputs,
+            p, items, checkouts, data / p, settings.split.model_dump(), inputs,
             {n: stats[n] for n in members if n in stats})
         _counts_artifact(p, manifests[p])
     return manifests
@@ -163,14 +139,17 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
 
     evals = {"base": score("base", None)}
     trained, candidates, current = {}, {}, {}
+    held = settings.eval.hold_out_sources
     for p in chain:
         cur, cand = adapters / p, adapters / f"{p}.candidate"
+        # Held-out sources are scored from every split, so training must not see them.
+        train_data = without_sources(data / p, data / f".{p}-holdout", held) if held else data / p
         if (cur / "adapters.safetensors").is_file():
             current[p] = score(p, cur)
-        if train.is_current(cur, base_dir, data / p, settings.train):
+        if train.is_current(cur, base_dir, train_data, settings.train):
             trained[p] = "up to date"
             continue
-        fut = ml.train_adapter.submit(p, base_dir, data / p, cand, settings.train)
+        fut = ml.train_adapter.submit(p, base_dir, train_data, cand, settings.train)
         trained[p] = "trained"
         candidates[p] = (fut, score(f"{p}-candidate", cand, [fut]))
     decisions: dict[str, tuple[bool, str]] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, sources, tools
+from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, sources
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
 
@@ -21,7 +20,7 @@ def _key(*parts: object) -> str:
 
 
 # Examples embed the system prompt and tool schemas: a change to either is a new output.
-FORMAT_KEY = _key(chat.SYSTEM_PROMPT, json.dumps(tools.TOOL_SCHEMAS, sort_keys=True))
+FORMAT_KEY = chat.format_key()
 
 
 def _checkout_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:

@@ -124,3 +124,25 @@ def test_unchanged_inputs_are_not_rebuilt_and_damage_is_repaired(tmp_path: Path)
     assert moved["rebuilt"] and moved["inputs_hash"] != first["inputs_hash"]
     (out / "train.jsonl").write_text("damaged\n")
     assert build_dataset("p", [ex], {"src": checkout(repo)}, out, SPLIT, {"sources": {"a": {"commit": "2"}}}, {})["rebuilt"]
+
+
+def test_without_sources_drops_held_out_sources_from_training_only(tmp_path: Path):
+    from codeadapt.dataset import without_sources
+
+    repos = {}
+    for src in ("keep", "held"):
+        repos[src] = tmp_path / src
+        repos[src].mkdir()
+        for i in range(20):
+            (repos[src] / f"m{i}.py").write_text(f"class C{i}:\n    pass\n")
+    exs = [grep_example(repos[s], f"class C{i}\\b", f"m{i}.py", source=s) for s in repos for i in range(20)]
+    cos = {s: checkout(r, s) for s, r in repos.items()}
+    full = build_dataset("p", exs, cos, tmp_path / "p", SPLIT, {"sources": {}}, {})
+    out = without_sources(tmp_path / "p", tmp_path / "p-holdout", ["held"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert {e["source"] for e in m["examples"] if e["split"] != "test"} == {"keep"}
+    assert [e for e in m["examples"] if e["split"] == "test"] == [e for e in full["examples"] if e["split"] == "test"]
+    for split in ("train", "valid"):
+        n = len((out / f"{split}.jsonl").read_text().splitlines())
+        assert n == sum(e["split"] == split for e in m["examples"]) > 0
+        assert '"held' not in (out / f"{split}.jsonl").read_text()
