@@ -122,7 +122,8 @@ def _chart(table: Sequence[dict[str, Any]], path: str) -> None:
         los = [r[lo_key] if r[key] is not None else 0.0 for r in table]
         his = [r[hi_key] if r[key] is not None else 0.0 for r in table]
         xs = [x + shift for x in range(len(names))]
-        err = [[v - lo for v, lo in zip(vals, los)], [hi - v for v, hi in zip(vals, his)]]
+        # Clamped: float rounding can put a Wilson bound a hair past the point estimate.
+        err = [[max(v - lo, 0.0) for v, lo in zip(vals, los)], [max(hi - v, 0.0) for v, hi in zip(vals, his)]]
         ax.bar(xs, vals, width, yerr=err, capsize=4, color=color, label=label)
         for x, v, hi, r in zip(xs, vals, his, table):
             text = "–" if r[key] is None else f"{100 * v:.0f}%"

@@ -78,3 +78,12 @@ def test_write_report_writes_table_and_chart_atomically(tmp_path: Path) -> None:
     assert (out / "REPORT.md").stat().st_mode & 0o777 == 0o644
     report.write_report(ROWS[1:], out)  # rewriting replaces both
     assert "phase6" not in (out / "REPORT.md").read_text()
+
+
+def test_chart_tolerates_bounds_a_hair_past_the_estimate(tmp_path):
+    from codeadapt import report
+
+    row = {"phase": "base", "accuracy": 0.0, "lo": 1e-17, "hi": 0.03, "overall": 0.5,
+           "overall_lo": 0.5000000001, "overall_hi": 0.6}
+    report._chart([row, {**row, "phase": "p"}], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0
