@@ -13,6 +13,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The smallest base the tests build: 2 layers, width 32, a 512-token vocabulary.
+MICRO_BASE = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+
 
 def git(cwd: Path, *args: str) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -14,19 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MICRO_BASE
 
 from codeadapt import base, chat
 
 GOLDEN = Path(__file__).parent / "golden" / "chat_template_example.txt"
-TINY = base.TinyBaseArgs(
-    vocab_size=512,
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=2048,
-)
+TINY = base.TinyBaseArgs(**MICRO_BASE)
 
 
 def _corpus() -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import MICRO_BASE
 
 from codeadapt import base, chat, worker
 from codeadapt.train import (
@@ -31,15 +32,7 @@ from codeadapt.train import (
     train_in_worker,
 )
 
-MICRO = base.TinyBaseArgs(
-    vocab_size=512,
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=2048,
-)
+MICRO = base.TinyBaseArgs(**MICRO_BASE)
 # Dropout > 0 so that resuming must restore the RNG key, not just weights and optimizer.
 SPEC = TrainSpec(iters=40, learning_rate=1e-3, batch_size=2, max_seq_length=512,
                  lora_dropout=0.1, steps_per_report=5, steps_per_eval=20, save_every=10)
