@@ -124,7 +124,7 @@ def _loc_list(hits: list[tuple[str, int, str]]) -> str:
 
 
 def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[str, int]],
-                  answer: Callable[[list[tuple[str, int, str]]], str], sym: Symbol | None,
+                  answer: Callable[[list[tuple[str, int, str]]], str],
                   prov: tuple[str, int, int]) -> Example | None:
     got = _grep(ctx, args)
     if got is None:
@@ -155,14 +155,14 @@ def gen_grep_class(ctx: Ctx) -> Iterator[Example | None]:
     for s in _candidates(ctx, "grep_class", lambda s: s.kind == "class" and _public(s)):
         args = {"pattern": rf"^\s*class {s.name}\b", "glob": "*.py"}
         yield _grep_example(ctx, "grep_class", s.name, args, {(s.path, s.def_line)},
-                            _defined_answer(s.name, "The class"), s, (s.path, s.start_line, s.end_line))
+                            _defined_answer(s.name, "The class"), (s.path, s.start_line, s.end_line))
 
 
 def gen_grep_function(ctx: Ctx) -> Iterator[Example | None]:
     for s in _candidates(ctx, "grep_function", lambda s: s.kind == "function" and _public(s)):
         args = {"pattern": rf"^\s*(async\s+)?def {s.name}\b", "glob": "*.py"}
         yield _grep_example(ctx, "grep_function", s.name, args, {(s.path, s.def_line)},
-                            _defined_answer(s.name, "The function"), s, (s.path, s.start_line, s.end_line))
+                            _defined_answer(s.name, "The function"), (s.path, s.start_line, s.end_line))
 
 
 def _class_names(hits: list[tuple[str, int, str]]) -> list[tuple[str, str, int]]:
@@ -192,7 +192,7 @@ def gen_grep_subclasses(ctx: Ctx) -> Iterator[Example | None]:
             return f"{len(found)} class{'es' if len(found) != 1 else ''} subclass `{name}`:\n{lines}"
 
         args = {"pattern": rf"^\s*class \w+\(.*\b{name}\b", "glob": "*.py"}
-        yield _grep_example(ctx, "grep_subclasses", name, args, subs[name], answer, base,
+        yield _grep_example(ctx, "grep_subclasses", name, args, subs[name], answer,
                             (base.path, base.start_line, base.end_line))
 
 
@@ -214,7 +214,7 @@ def gen_grep_decorator(ctx: Ctx) -> Iterator[Example | None]:
         # Decorators sit on the first line of a decorated definition; grep must find them all.
         args = {"pattern": rf"^\s*@{re.escape(name)}\b", "glob": "*.py"}
         s = first[name]
-        yield _grep_example(ctx, "grep_decorator", name, args, set(), answer, s,
+        yield _grep_example(ctx, "grep_decorator", name, args, set(), answer,
                             (s.path, s.start_line, s.end_line))
 
 
@@ -233,7 +233,7 @@ def gen_grep_importers(ctx: Ctx) -> Iterator[Example | None]:
         esc = re.escape(mod)
         args = {"pattern": rf"^\s*(from {esc} import|import {esc}\b)", "glob": "*.py"}
         path = sorted(by_mod[mod])[0]
-        yield _grep_example(ctx, "grep_importers", mod, args, set(), answer, None, (path, 1, 1))
+        yield _grep_example(ctx, "grep_importers", mod, args, set(), answer, (path, 1, 1))
 
 
 def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
@@ -251,7 +251,7 @@ def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
         args = {"pattern": r"^\s*async def \w+", "path": path}
         expect = {(s.path, s.def_line) for s in per_file[path]}
         lines = [s.start_line for s in per_file[path]] + [s.end_line for s in per_file[path]]
-        yield _grep_example(ctx, "grep_async", path, args, expect, answer, None,
+        yield _grep_example(ctx, "grep_async", path, args, expect, answer,
                             (path, min(lines), max(lines)))
 
 

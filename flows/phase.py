@@ -106,7 +106,7 @@ def resolve_base(name: str) -> Path:
     return path if path.is_dir() else _download(name)
 
 
-def prepare_base(settings: Settings, manifests: dict[str, dict[str, Any]]) -> Path:
+def prepare_base(settings: Settings) -> Path:
     """The base every adapter trains on: the offline tiny base (built, then pre-trained) or a
     named model."""
     if settings.base_model() != "tiny":
@@ -124,7 +124,7 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     """LoRA per phase (serialised by the `gpu` slot) into a candidate, base and adapters scored
     on the same prompts, and a candidate promoted unless it is worse beyond the intervals."""
     ml.ensure_gpu_limit()
-    base_dir = prepare_base(settings, manifests)
+    base_dir = prepare_base(settings)
     data = settings.resolve(settings.paths.data)
     repos = settings.resolve(settings.paths.repos)
     adapters = settings.resolve(settings.paths.adapters)
@@ -219,9 +219,10 @@ def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: 
 def base(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> str:
     """Build the base corpus and the base model (tiny: build + pre-train) without any phase."""
     settings = load_settings(config, profile=profile, overrides=overrides)
-    manifests = build_data(settings, [settings.base.corpus_phase]) if settings.base_model() == "tiny" else {}
+    if settings.base_model() == "tiny":
+        build_data(settings, [settings.base.corpus_phase])
     ml.ensure_gpu_limit()
-    return str(prepare_base(settings, manifests))
+    return str(prepare_base(settings))
 
 
 PHASE_FLOWS = {"phase5": phase5, "phase6": phase6, "phase7": phase7}
