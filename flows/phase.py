@@ -107,11 +107,15 @@ def resolve_base(name: str) -> Path:
 
 
 def prepare_base(settings: Settings) -> Path:
-    """The base every adapter trains on: the offline tiny base (built, then pre-trained) or a
-    named model."""
+    """The base every adapter trains on: SmolLM2 converted from its wheel's GGUF, the offline
+    tiny base (built, then pre-trained), or a named mlx-lm model."""
+    from codeadapt.models.gguf import SMOLLM2
+
+    data = settings.resolve(settings.paths.data)
+    if settings.base_model() == SMOLLM2:
+        return ml.make_gguf_base(data / "bases", SMOLLM2)
     if settings.base_model() != "tiny":
         return resolve_base(settings.base_model())
-    data = settings.resolve(settings.paths.data)
     corpus_phase = settings.base.corpus_phase
     checkouts = [settings.resolve(settings.paths.repos) / n for n in settings.phase_sources(corpus_phase)]
     bases = data / "bases"

@@ -42,6 +42,16 @@ def _key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
+@task(task_run_name="make_base[{name}]")
+def make_gguf_base(bases_dir: Path, name: str) -> Path:
+    """Convert (or reuse) the wheel-shipped GGUF base into an mlx-lm model directory."""
+    from codeadapt.models import gguf
+
+    out = gguf.make_base(bases_dir, name=name)
+    get_run_logger().info("base %s: %s", name, out)
+    return out
+
+
 @task(task_run_name="make_base[tiny]")
 def make_base(bases_dir: Path, base_data: Path, checkouts: list[Path], tiny_args: dict[str, Any]) -> Path:
     """Build (or reuse) the offline tiny base from the base corpus."""

@@ -21,6 +21,7 @@ def micro_overrides(data: Path) -> list[str]:
     budgets = {"domain": (4, 2, 2), "popular": (20, 10, 10), "base": (12, 6, 6)}
     out = [f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'",
            f"paths.adapters='{data / 'adapters'}'",
+           "base.model='tiny'",
            "base.tiny={vocab_size = 512, hidden_size = 32, num_hidden_layers = 1, "
            "intermediate_size = 64, num_attention_heads = 2, num_key_value_heads = 1}",
            f"base.pretrain={MICRO_TRAIN.format(iters=4)[:-1]}, mode = 'full'}}",

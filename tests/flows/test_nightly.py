@@ -52,6 +52,7 @@ html = {{ kind = "path", path = "{REPO_ROOT / 'data' / 'html'}", group = "html",
 itsdangerous = {{ kind = "installed", dist = "itsdangerous", group = "base" }}
 h11 = {{ kind = "installed", dist = "h11", group = "base" }}
 [base]
+model = "tiny"
 tiny = {{ vocab_size = 512, hidden_size = 32, num_hidden_layers = 1, intermediate_size = 64, num_attention_heads = 2, num_key_value_heads = 1 }}
 pretrain = {MICRO}, mode = "full" }}
 [train]
