@@ -12,12 +12,12 @@ The output is content-addressed: hash of the GGUF, the converter version and the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 from typing import Any
 
