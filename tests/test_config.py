@@ -56,3 +56,47 @@ def test_override_values_are_toml():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a=hello") == ("a", "hello")
     assert parse_override('a=["x"]') == ("a", ["x"])
+
+
+PHASES_TOML = """
+[groups.g]
+[phases.a]
+groups = ["g"]
+[phases.b]
+extends = "a"
+train_iters = 7
+[train]
+iters = 50
+lora_rank = 4
+learning_rate = 3e-4
+"""
+
+
+def test_phase_train_iters_override_only_the_step_count(tmp_path: Path):
+    """Asserts: a phase with train_iters gets [train] with iters replaced (every other field
+    equal); a phase without it gets [train] itself; a --set of train_iters works the same way;
+    train_iters=0 fails naming its key path (also on the shipped config)."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(PHASES_TOML)
+    s = load_settings(cfg)
+    spec = s.train_spec("b")
+    assert (spec.iters, s.train.iters) == (7, 50)
+    assert spec.model_dump(exclude={"iters"}) == s.train.model_dump(exclude={"iters"})
+    assert (spec.lora_rank, spec.learning_rate) == (4, 3e-4)
+    assert s.phases["a"].train_iters is None and s.train_spec("a") == s.train
+    s = load_settings(cfg, overrides=["phases.a.train_iters=3"])
+    assert s.train_spec("a").iters == 3 and s.train.iters == 50
+    for config, key in ((cfg, "phases.a.train_iters"), (CONFIG, "phases.phase5.train_iters")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            load_settings(config, overrides=[f"{key}=0"])
+
+
+def test_eval_max_conversations_must_be_positive(tmp_path: Path):
+    """Asserts: eval.max_conversations defaults to None (all), takes a positive count, and 0
+    fails naming its key path."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(PHASES_TOML)
+    assert load_settings(cfg).eval.max_conversations is None
+    assert load_settings(cfg, overrides=["eval.max_conversations=5"]).eval.max_conversations == 5
+    with pytest.raises(ValueError, match=r"eval\.max_conversations"):
+        load_settings(cfg, overrides=["eval.max_conversations=0"])

@@ -402,6 +402,31 @@ def test_prefix_cache_and_batching_give_the_same_greedy_outputs(micro: Path, rep
     assert set(plain.finish_reasons) <= {"stop", "length"}
 
 
+
+def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micro: Path,
+                                                                            repo: Path) -> None:
+    """Asserts: _batched with reuse (each prompt prefilled alone through the running prefix cache,
+    decoded in chunks from deep-copied snapshots) returns, token for token and in input order, what
+    _sequential without any cache reuse returns, for chunks of 2, 3 and one chunk larger than the
+    prompt list; and it prefills each prompt only past its prefix shared with the previous one
+    in sorted order (the previous one minus its last token, which starts the batched decode)."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    ps = _varied_prompts(repo)
+    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
+    plain, none = ev._sequential(model, tokenizer, ids, 12, reuse=False)
+    assert none == 0 and len(plain) == len(ids) and any(plain)
+    order = sorted(ids)
+    want = sum(min(ev.common_prefix(a[:-1], b), len(b) - 1) for a, b in zip([[]] + order, order))
+    for bs in (2, 3, len(ids) + 5):
+        outs, reused = ev._batched(model, tokenizer, ids, 12, bs, reuse=True)
+        assert outs == plain, bs
+        assert reused == want, bs
+    outs, reused = ev._batched(model, tokenizer, ids, 12, 3, reuse=False)
+    assert outs == plain and reused == 0
+
+
 def test_prefix_cache_reuses_every_shared_prefix_once(micro: Path, repo: Path) -> None:
     import mlx_lm
 

@@ -136,3 +136,56 @@ def test_check_contamination_raises_loudly_above_threshold() -> None:
 def test_user_texts_are_distinct_in_order() -> None:
     ex = _call_example("r", "q1?", "x")["messages"]
     assert prompts.user_texts([ex, ex[:2], [chat.user("q2?")]]) == ["q1?", "q2?"]
+
+
+def _turns(conversations: dict[str, int]) -> list[prompts.Prompt]:
+    """`n` prompts (turns 2, 4, ...) for each example id, interleaved across conversations."""
+    out = []
+    for t in range(max(conversations.values())):
+        for ex, n in conversations.items():
+            if t < n:
+                out.append(prompts.Prompt(
+                    id=f"{ex}#{2 + 2 * t}", example_id=ex, turn=2 + 2 * t,
+                    messages=(chat.system("r"), chat.user(f"{ex} {t}?")), tools=(),
+                    expected_name=None, expected_arguments=None, expected_text="x", source="s",
+                    kind="k", root="/r"))
+    return out
+
+
+def test_sample_conversations_keeps_whole_conversations_stably() -> None:
+    """Asserts: limit None (or >= the number of conversations) returns the input unchanged;
+    a limit keeps exactly `limit` example ids with every one of their turns and no turn of a
+    dropped id, in input order; the kept ids do not depend on the input order."""
+    convs = {f"ex{i:02d}": 1 + i % 3 for i in range(12)}
+    ps = _turns(convs)
+    assert prompts.sample_conversations(ps, None) == ps
+    assert prompts.sample_conversations(ps, 12) == ps and prompts.sample_conversations(ps, 50) == ps
+    seen = set()
+    for limit in (1, 4, 11):
+        kept = prompts.sample_conversations(ps, limit)
+        ids = {p.example_id for p in kept}
+        assert len(ids) == limit
+        assert kept == [p for p in ps if p.example_id in ids]  # every turn, input order
+        assert all(sum(p.example_id == ex for p in kept) == convs[ex] for ex in ids)
+        for order in (ps[::-1], sorted(ps, key=lambda p: (p.turn, p.id[::-1]))):
+            again = prompts.sample_conversations(order, limit)
+            assert {p.example_id for p in again} == ids
+            assert sorted(p.id for p in again) == sorted(p.id for p in kept)
+        seen.add(frozenset(ids))
+    assert len(seen) == 3
+    # Not simply the first ids of the input: the sample is by hash.
+    assert {p.example_id for p in prompts.sample_conversations(ps, 4)} != set(list(convs)[:4])
+
+
+def test_collect_prompts_samples_the_split_but_keeps_the_fixed_set(dataset: Path, tmp_path: Path
+                                                                    ) -> None:
+    """Asserts: max_conversations limits the held-out split's conversations (all their turns)
+    and leaves the fixed set whole."""
+    fixed = prompts.load_fixed_set(FIXED, tmp_path)
+    full = prompts.collect_prompts(dataset, tmp_path, "test", [], FIXED)
+    assert [p.id for p in full[:3]] == ["e2#2", "e2#4", "e4#2"] and full[3:] == fixed
+    one = prompts.collect_prompts(dataset, tmp_path, "test", [], FIXED, max_conversations=1)
+    split = one[: len(one) - len(fixed)]
+    assert one[len(split):] == fixed
+    assert len({p.example_id for p in split}) == 1
+    assert split == [p for p in full[:3] if p.example_id == split[0].example_id]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +22,21 @@ import pytest
 from conftest import MICRO_BASE
 
 from codeadapt import base, chat, worker
+from codeadapt.models import fastpath
 from codeadapt.train import (
     DROPPED_TOO_LONG,
+    PAD_TO,
     TrainSpec,
     _open_work,
     encode_record,
     epoch_batches,
+    file_sha256,
+    is_current,
     load_split,
+    loss_inputs,
+    masked_loss,
     plot_losses,
+    to_batch,
     train_adapter,
     train_in_worker,
 )
@@ -36,6 +45,14 @@ MICRO = base.TinyBaseArgs(**MICRO_BASE)
 # Dropout > 0 so that resuming must restore the RNG key, not just weights and optimizer.
 SPEC = TrainSpec(iters=40, learning_rate=1e-3, batch_size=2, max_seq_length=512,
                  lora_dropout=0.1, steps_per_report=5, steps_per_eval=20, save_every=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unpatched_mlx_lm_afterwards() -> Any:
+    """In-process train_adapter installs codeadapt.models.fastpath (TrainSpec.fast_kernels) and
+    leaves it installed; undo that so later test modules see stock mlx-lm."""
+    yield
+    fastpath.uninstall()
 
 
 def _record(i: int, long: bool = False) -> dict[str, Any]:
@@ -298,3 +315,232 @@ def test_worker_errors_raise_in_the_parent_with_the_child_traceback(tmp_path: Pa
         worker.run_in_worker("train", payload)
     with pytest.raises(ValueError, match="unknown worker kind"):
         worker.run_in_worker("nope", {})
+
+
+# ---- the selective-head loss --------------------------------------------------------------
+
+
+def _micro_llama(tie: bool) -> Any:
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                           **{k: v for k, v in MICRO_BASE.items() if k != "max_position_embeddings"})
+    mx.random.seed(1)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+class _Opaque:
+    """A causal LM that only maps tokens to logits: no `.model` to split off the head."""
+
+    def __init__(self, model: Any) -> None:
+        self._m = model
+
+    def __call__(self, inputs: Any) -> Any:
+        return self._m(inputs)
+
+
+def _hand_batch() -> tuple[np.ndarray, np.ndarray]:
+    """Two rows of 14 tokens: assistant spans in the middle and at the end, one row padded."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, MICRO_BASE["vocab_size"], size=(2, 14)).astype(np.int32)
+    mask = np.zeros((2, 14), np.float32)
+    mask[0, 4:7] = mask[0, 10:14] = 1
+    mask[1, 2:5] = 1
+    tokens[1, 9:] = 0  # padding, mask 0
+    return tokens, mask
+
+
+def _reference_loss(model: Any, tokens: np.ndarray, mask: np.ndarray) -> float:
+    """Mean cross-entropy over assistant targets from the full logits, in float64."""
+    import mlx.core as mx
+
+    logits = np.array(model(mx.array(tokens[:, :-1])), dtype=np.float64)
+    targets, weights = tokens[:, 1:], mask[:, 1:]
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return float((ce * weights).sum() / weights.sum())
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied-head", "lm_head"])
+def test_masked_loss_equals_full_logits_cross_entropy_over_assistant_targets(tie: bool) -> None:
+    """Asserts: the selective-head loss (tied embedding or lm_head), the full-logits fallback (a
+    model without `.model`) and a float64 cross-entropy from `model(tokens[:, :-1])` agree to 1e-5;
+    ntoks counts the assistant targets; extra weight-0 positions (any index, any target) change
+    neither the loss nor its gradients."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = _micro_llama(tie)
+    tokens, mask = _hand_batch()
+    want = _reference_loss(model, tokens, mask)
+    batch = to_batch(tokens, mask)
+    loss, ntoks = masked_loss(model, *batch)
+    assert ntoks.item() == mask[:, 1:].sum() == 10
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    fallback, n2 = masked_loss(_Opaque(model), *batch)
+    assert fallback.item() == pytest.approx(want, abs=1e-5) and n2.item() == 10
+
+    inputs, positions, targets, weights = loss_inputs(tokens, mask)
+    n = int(weights.sum())
+    more = np.arange(2 * PAD_TO, dtype=np.int32) % positions.max()  # real positions, weight 0
+    variants = {
+        "unpadded": (positions[:n], targets[:n], weights[:n]),
+        "extra padding": (np.concatenate([positions, more]),
+                          np.concatenate([targets, (more * 7 + 3) % MICRO_BASE["vocab_size"]]),
+                          np.concatenate([weights, np.zeros(len(more), np.float32)])),
+    }
+
+    def grads(p: np.ndarray, t: np.ndarray, w: np.ndarray) -> tuple[float, dict[str, Any]]:
+        args = (mx.array(inputs), mx.array(p), mx.array(t), mx.array(w))
+        fn = nn.value_and_grad(model, lambda *a: masked_loss(model, *a)[0])
+        value, g = fn(*args)
+        return value.item(), dict(tree_flatten(g))
+
+    base_value, base_grads = grads(positions, targets, weights)
+    assert base_value == pytest.approx(want, abs=1e-5)
+    for name, (p, t, w) in variants.items():
+        value, g = grads(p, t, w)
+        assert value == pytest.approx(base_value, abs=1e-6), name
+        for k, v in base_grads.items():
+            assert mx.allclose(g[k], v, rtol=1e-5, atol=1e-6).item(), (name, k)
+
+
+def test_masked_loss_gradients_match_the_full_logits_loss() -> None:
+    """Asserts: d(loss)/d(weights) of the selective head equals that of the plain full-logits
+    masked mean cross-entropy (1e-5), so training follows the same path."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = _micro_llama(True)
+    tokens, mask = _hand_batch()
+
+    def full(tok: Any, m: Any) -> Any:
+        ce = nn.losses.cross_entropy(model(tok[:, :-1]), tok[:, 1:]) * m[:, 1:]
+        return ce.sum() / m[:, 1:].sum()
+
+    v_ref, g_ref = nn.value_and_grad(model, full)(mx.array(tokens), mx.array(mask))
+    v, g = nn.value_and_grad(model, lambda *a: masked_loss(model, *a)[0])(*to_batch(tokens, mask))
+    assert v.item() == pytest.approx(v_ref.item(), abs=1e-5)
+    g, g_ref = dict(tree_flatten(g)), dict(tree_flatten(g_ref))
+    assert g.keys() == g_ref.keys()
+    for k in g_ref:
+        assert mx.allclose(g[k], g_ref[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+@pytest.mark.parametrize("n_targets", [0, 1, PAD_TO, PAD_TO + 1, 2 * PAD_TO + 5])
+def test_loss_inputs_are_the_assistant_target_positions_padded_to_pad_to(n_targets: int) -> None:
+    """Asserts: positions are exactly the flat indices where mask[:, 1:] is 1 (row-major, in
+    order), then zeros up to the next multiple of PAD_TO (at least PAD_TO); weights are 1 for
+    those and 0 after; targets are the next tokens at those positions; inputs are tokens[:, :-1]."""
+    rng = np.random.default_rng(n_targets)
+    tokens = rng.integers(1, 500, size=(3, 41)).astype(np.int32)
+    mask = np.zeros_like(tokens, dtype=np.float32)
+    flat = np.sort(rng.choice(3 * 40, size=n_targets, replace=False))
+    rows, cols = np.divmod(flat, 40)
+    mask[rows, cols + 1] = 1  # target flat index r * 40 + c is token (r, c + 1)
+    mask[:, 0] = 1  # the first token is never a target, even in an assistant span
+    inputs, positions, targets, weights = loss_inputs(tokens, mask)
+    k = max(PAD_TO, PAD_TO * -(-n_targets // PAD_TO))
+    assert positions.dtype == np.int32 and len(positions) == len(weights) == len(targets) == k
+    assert k % PAD_TO == 0
+    assert positions[:n_targets].tolist() == np.flatnonzero(mask[:, 1:]).tolist() == flat.tolist()
+    assert not positions[n_targets:].any()
+    assert weights.tolist() == [1.0] * n_targets + [0.0] * (k - n_targets)
+    assert targets[:n_targets].tolist() == tokens[:, 1:].reshape(-1)[flat].tolist()
+    assert np.array_equal(inputs, tokens[:, :-1])
+
+
+# ---- continuing from a previous adapter ----------------------------------------------------
+
+TWO_STEPS = TrainSpec(iters=2, learning_rate=1e-3, batch_size=2, max_seq_length=512, lora_rank=4,
+                      steps_per_report=1, steps_per_eval=2, save_every=2, val_batches=1)
+
+
+@pytest.fixture(scope="module")
+def first_adapter(micro_base: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("chain") / "phase5"
+    return out, train_adapter(micro_base, data_dir, out, TWO_STEPS)
+
+
+def test_training_from_an_init_adapter_records_and_checks_it(
+        first_adapter: tuple[Path, dict[str, Any]], micro_base: Path, data_dir: Path,
+        tmp_path: Path) -> None:
+    """Asserts: a 2-step LoRA run from the first run's adapter starts from its weights (a tiny
+    learning rate leaves them ~unchanged, a fresh LoRA would have lora_b = 0), records its path
+    and sha256 in metrics.json; is_current holds with that init only (not without one, not with
+    another adapter), and the first run's metrics record no init."""
+    import mlx.core as mx
+
+    first, m1 = first_adapter
+    assert m1["init_adapter"] is None and m1["init_adapter_sha256"] is None
+    assert is_current(first, micro_base, data_dir, TWO_STEPS)
+    assert not is_current(first, micro_base, data_dir, TWO_STEPS, first)
+
+    spec = TWO_STEPS.model_copy(update={"learning_rate": 1e-6})
+    second = tmp_path / "phase6"
+    m2 = train_adapter(micro_base, data_dir, second, spec, init_adapter=first)
+    sha = file_sha256(first / "adapters.safetensors")
+    assert m2["init_adapter"] == str(first.resolve()) and m2["init_adapter_sha256"] == sha
+    assert json.loads((second / "metrics.json").read_text())["init_adapter_sha256"] == sha
+
+    w1 = mx.load(str(first / "adapters.safetensors"))
+    w2 = mx.load(str(second / "adapters.safetensors"))
+    assert w1.keys() == w2.keys()
+    assert max(mx.abs(w).max().item() for k, w in w1.items() if k.endswith("lora_b")) > 5e-4
+    for k, w in w1.items():
+        assert mx.allclose(w2[k], w, atol=1e-4, rtol=0).item(), k
+        assert w2[k].shape == w.shape, k
+    assert any(not mx.array_equal(w2[k], w).item() for k, w in w1.items())  # it did train
+
+    assert is_current(second, micro_base, data_dir, spec, first)
+    assert is_current(second, micro_base, data_dir, spec, str(first))
+    assert not is_current(second, micro_base, data_dir, spec)
+    assert not is_current(second, micro_base, data_dir, spec, second)  # another adapter
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    assert is_current(second, micro_base, data_dir, spec, other)  # same file, same sha
+    mx.save_safetensors(str(other / "adapters.safetensors"),
+                        {k: w + 1 for k, w in w1.items()})
+    assert not is_current(second, micro_base, data_dir, spec, other)  # changed weights
+
+
+def test_init_adapter_of_another_shape_or_mode_is_refused(
+        first_adapter: tuple[Path, dict[str, Any]], micro_base: Path, data_dir: Path,
+        tmp_path: Path) -> None:
+    """Asserts: starting from an adapter of another LoRA rank, or one adapting fewer layers,
+    raises ValueError naming the adapter dir and publishes nothing; init_adapter with mode "full"
+    or a dir without adapters.safetensors is refused before loading anything."""
+    first = first_adapter[0]
+    named = re.escape(str(first.resolve()))
+    for update in ({"lora_rank": 8}, {"lora_layers": 1}):
+        out = tmp_path / f"bad-{next(iter(update))}"
+        with pytest.raises(ValueError, match=named):
+            train_adapter(micro_base, data_dir, out, TWO_STEPS.model_copy(update=update),
+                          init_adapter=first)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="needs mode 'lora'"):
+        train_adapter(micro_base, data_dir, tmp_path / "full",
+                      TWO_STEPS.model_copy(update={"mode": "full"}), init_adapter=first)
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors"):
+        train_adapter(micro_base, data_dir, tmp_path / "x", TWO_STEPS, init_adapter=tmp_path)
+
+
+def test_fast_kernels_train_like_stock_mlx(first_adapter: tuple[Path, dict[str, Any]],
+                                           micro_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Asserts: the same 2-step run with fast_kernels off (stock mlx-lm attention and SwiGLU)
+    reports the same train and validation losses to 1e-4 as the fast-kernel run."""
+    fast = first_adapter[1]
+    fastpath.uninstall()  # an earlier in-process run installed it
+    slow = train_adapter(micro_base, data_dir, tmp_path / "slow",
+                         TWO_STEPS.model_copy(update={"fast_kernels": False}))
+    for key in ("train_losses", "valid_losses"):
+        assert [p["step"] for p in slow[key]] == [p["step"] for p in fast[key]]
+        for a, b in zip(slow[key], fast[key]):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), key
