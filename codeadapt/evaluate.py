@@ -414,35 +414,36 @@ def _sequential(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: in
 
 def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, batch_size: int,
              reuse: bool) -> tuple[list[list[int]], int]:
-    """batch_generate over chunks of `batch_size` prompts. With `reuse`, chunks are consecutive
-    prompts in sorted token order, and each chunk starts from one cache of its common prefix
-    (kept in a running cache, trimmed and extended from chunk to chunk)."""
+    """batch_generate over chunks of `batch_size` prompts: prefill each prompt alone, then
+    decode the chunk together (decode reads every weight per step, so on a CPU a batch of 8
+    costs about what one stream does). With `reuse`, prompts go in sorted token order through
+    one running KV cache trimmed back to the prefix shared with the previous prompt, and each
+    prompt decodes from a snapshot of it: every shared prefix is prefilled once."""
+    import copy
+
     from mlx_lm.generate import batch_generate
     from mlx_lm.models.cache import make_prompt_cache
 
     outs: list[list[int]] = [[] for _ in ids]
     order = sorted(range(len(ids)), key=ids.__getitem__) if reuse else list(range(len(ids)))
-    cache = make_prompt_cache(model) if reuse else None
+    cache = make_prompt_cache(model)
     have: list[int] = []  # the tokens `cache` holds
     reused = 0
     for b in range(0, len(order), batch_size):
         chunk = order[b:b + batch_size]
-        caches = None
-        keep = 0
-        if reuse:
-            first = ids[chunk[0]]
-            keep = min(len(ids[j]) for j in chunk) - 1
-            for j in chunk[1:]:
-                keep = min(keep, common_prefix(first, ids[j]))
-            cache, done = _rewind(model, cache, min(common_prefix(have, first), keep))
-            _prefill(model, cache, first[done:keep])
-            have = first[:keep]
-            caches = [cache] * len(chunk)  # batch_generate merges (copies) them
-            reused += keep * len(chunk) - (keep - done)
-        resp = batch_generate(model, tokenizer, [ids[j][keep:] for j in chunk],
-                              prompt_caches=caches, max_tokens=max_tokens, return_token_ids=True,
-                              completion_batch_size=len(chunk),
-                              prefill_batch_size=min(len(chunk), 8))
+        caches, lasts = [], []
+        for j in chunk:
+            p = ids[j]
+            keep = min(common_prefix(have, p), len(p) - 1) if reuse else 0
+            cache, keep = _rewind(model, cache, keep)
+            _prefill(model, cache, p[keep:-1])  # the last token starts the batched decode
+            have = p[:-1]
+            caches.append(copy.deepcopy(cache))
+            lasts.append(p[-1:])
+            reused += keep
+        resp = batch_generate(model, tokenizer, lasts, prompt_caches=caches, max_tokens=max_tokens,
+                              return_token_ids=True, completion_batch_size=len(chunk),
+                              prefill_batch_size=len(chunk))
         for j, t in zip(chunk, resp.token_ids):
             outs[j] = t
     return outs, reused
@@ -553,7 +554,7 @@ def eval_job(payload: dict[str, Any], progress: Callable[[dict[str, Any]], None]
     spec = EvalSpec.model_validate(payload["spec"])
     fixed = Path(payload["fixed_set"]) if payload.get("fixed_set") else None
     prompts = collect_prompts(Path(payload["data_dir"]), Path(payload["repos_dir"]), spec.split,
-                              spec.hold_out_sources, fixed)
+                              spec.hold_out_sources, fixed, spec.max_conversations)
     adapter = Path(payload["adapter_dir"]) if payload.get("adapter_dir") else None
     result = evaluate_model(Path(payload["model_dir"]), adapter, prompts, spec)
     from codeadapt.worker import blas_in_use

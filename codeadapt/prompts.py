@@ -4,6 +4,7 @@ not leak into training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -176,10 +177,22 @@ def user_texts(messages_lists: Iterable[Sequence[dict[str, Any]]]) -> list[str]:
                               if m.get("role") == "user"))
 
 
+def sample_conversations(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+    """All turns of at most `limit` conversations, chosen by a hash of the example id: a stable
+    sample (the same ids at every run and for every model) that keeps conversations whole."""
+    ids = list(dict.fromkeys(p.example_id for p in prompts))
+    if limit is None or len(ids) <= limit:
+        return list(prompts)
+    keep = set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:limit])
+    return [p for p in prompts if p.example_id in keep]
+
+
 def collect_prompts(data_dir: Path, repos_dir: Path, split: str, hold_out_sources: Iterable[str],
-                    fixed_set: Path | None) -> list[Prompt]:
-    """Every prompt an evaluation scores: the held-out split plus the fixed set, if any."""
-    prompts = prompts_from_split(data_dir, split, hold_out_sources, repos_dir)
+                    fixed_set: Path | None, max_conversations: int | None = None) -> list[Prompt]:
+    """Every prompt an evaluation scores: the held-out split (all turns of at most
+    `max_conversations` of its conversations) plus the fixed set, if any."""
+    prompts = sample_conversations(prompts_from_split(data_dir, split, hold_out_sources, repos_dir),
+                                   max_conversations)
     if fixed_set is not None:
         prompts += load_fixed_set(fixed_set, repos_dir)
     return prompts

@@ -33,6 +33,7 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         flat.append({
             "phase": row["phase"],
             "examples": row.get("examples"),
+            "training": row.get("training"),
             "prompts": ev["prompts"],
             "load_s": ev["load_s"],
             "gen_s_per_prompt": ev["gen_s_per_prompt"],
@@ -79,11 +80,12 @@ def _ci(v: float | None, lo: float | None, hi: float | None) -> str:
 
 
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
-    head = ["phase", "train examples", "prompts", "load s", "gen s/prompt", "tokens/s",
+    head = ["phase", "trained on (examples)", "training", "prompts", "load s", "gen s/prompt", "tokens/s",
             "tool-call accuracy (95% CI)", "overall (95% CI)", *METRIC_COLUMNS, "adapter size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
-        cells = [r["phase"], "–" if r["examples"] is None else str(r["examples"]), str(r["prompts"]),
+        cells = [r["phase"], "–" if r["examples"] is None else str(r["examples"]),
+                 r.get("training") or "–", str(r["prompts"]),
                  _num(r["load_s"], ".2f"), _num(r["gen_s_per_prompt"], ".3f"),
                  _num(r["tokens_per_s"], ".0f"), _ci(r["accuracy"], r["lo"], r["hi"]),
                  _ci(r["overall"], r["overall_lo"], r["overall_hi"]),

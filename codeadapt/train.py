@@ -119,26 +119,65 @@ def collate(items: Sequence[Encoded], max_seq_length: int) -> tuple[np.ndarray, 
     return tokens, mask
 
 
-def masked_loss(model: Any, tokens: Any, mask: Any) -> tuple[Any, Any]:
-    """Mean cross-entropy over target tokens that belong to assistant turns."""
+def loss_inputs(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(inputs, positions, targets, weights): the flat positions whose next token is an
+    assistant token, padded to a multiple of PAD_TO (weight 0) so compiled shapes repeat."""
+    inputs, target_mask = tokens[:, :-1], mask[:, 1:]
+    positions = np.flatnonzero(target_mask).astype(np.int32)
+    k = max(PAD_TO * -(-len(positions) // PAD_TO), PAD_TO)
+    padded = np.zeros(k, np.int32)
+    padded[: len(positions)] = positions
+    weights = np.zeros(k, np.float32)
+    weights[: len(positions)] = 1.0
+    return inputs, padded, tokens[:, 1:].reshape(-1)[padded], weights
+
+
+def _hidden_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(body, head) of an mlx-lm causal LM whose body returns final hidden states."""
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if getattr(model, "lm_head", None) is not None:
+        return body, model.lm_head
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        return body, body.embed_tokens.as_linear
+    return None
+
+
+def masked_loss(model: Any, inputs: Any, positions: Any, targets: Any, weights: Any) -> tuple[Any, Any]:
+    """Mean cross-entropy over target tokens that belong to assistant turns.
+
+    Only those positions go through the output head: with a 49k vocabulary the head is ~20%
+    of a 135M model's compute, and ~75% of a chat's tokens are prompt and tool output.
+    """
     import mlx.core as mx
     import mlx.nn as nn
 
-    logits = model(tokens[:, :-1])
-    weights = mask[:, 1:]
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
+    split = _hidden_and_head(model)
+    if split is None:  # an architecture we cannot split: full logits, then pick
+        logits = model(inputs)
+        picked = mx.take(logits.reshape(-1, logits.shape[-1]), positions, axis=0)
+    else:
+        body, head = split
+        hidden = body(inputs)
+        picked = head(mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0))
+    ce = nn.losses.cross_entropy(picked, targets) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-def validation_batches(dataset: Sequence[Encoded], batch_size: int, max_seq_length: int,
-                       **_: Any) -> Iterator[tuple[Any, Any]]:
-    """File order, last batch partial: the same batches at every evaluation."""
+def to_batch(tokens: np.ndarray, mask: np.ndarray) -> tuple[Any, ...]:
+    """The arrays `masked_loss` takes, as mlx arrays."""
     import mlx.core as mx
 
+    return tuple(mx.array(a) for a in loss_inputs(tokens, mask))
+
+
+def validation_batches(dataset: Sequence[Encoded], batch_size: int, max_seq_length: int,
+                       **_: Any) -> Iterator[tuple[Any, ...]]:
+    """File order, last batch partial: the same batches at every evaluation."""
     for b in range(0, len(dataset), batch_size):
-        tokens, mask = collate(dataset[b : b + batch_size], max_seq_length)
-        yield mx.array(tokens), mx.array(mask)
+        yield to_batch(*collate(dataset[b : b + batch_size], max_seq_length))
 
 
 def lr_schedule(spec: TrainSpec) -> Any:
@@ -209,16 +248,13 @@ class _Run:
         self.window[0] += n_in
         return tokens, mask
 
-    def iterate_batches(self, *_: Any, **__: Any) -> Iterator[tuple[Any, Any]]:
+    def iterate_batches(self, *_: Any, **__: Any) -> Iterator[tuple[Any, ...]]:
         """Passed to mlx-lm's `train()`; runs `after_step` between steps, where state is settled."""
-        import mlx.core as mx
-
         step = self.start
         while True:
             self.after_step(step)
             step += 1
-            tokens, mask = self.batch(step)
-            yield mx.array(tokens), mx.array(mask)
+            yield to_batch(*self.batch(step))
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         self.reports.append((self.start + info["iteration"], float(info["train_loss"])))
@@ -359,11 +395,36 @@ def _write_outputs(tmp: Path, model: Any, spec: TrainSpec, base_dir: Path, data_
     }, tmp / "adapter_config.json")
 
 
+def _init_from(model: Any, adapter_dir: Path) -> None:
+    """Start from a previous adapter of the same shape (phase N+1 continues phase N)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = mx.load(str(adapter_dir / "adapters.safetensors"))
+    # Names and shapes: another rank has the same names, and load_weights(strict=False)
+    # does not check shapes.
+    expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
+    if {k: v.shape for k, v in weights.items()} != expected:
+        raise ValueError(f"{adapter_dir}: its adapter weights do not match this training's "
+                         "trainable parameters (other lora_layers or rank?)")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def init_sha256(init_adapter: str | Path | None) -> str | None:
+    return None if init_adapter is None else file_sha256(Path(init_adapter) / "adapters.safetensors")
+
+
 def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-                  spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Train on `data_dir` from `base_dir`, publish `out_dir` with metrics.json; return metrics."""
+                  spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None,
+                  init_adapter: str | Path | None = None) -> dict[str, Any]:
+    """Train on `data_dir` from `base_dir` (LoRA: from `init_adapter`'s weights when given),
+    publish `out_dir` with metrics.json; return metrics."""
     base_dir, data_dir, out_dir = Path(base_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
-    for need in (base_dir / "config.json", data_dir / "train.jsonl"):
+    init_adapter = Path(init_adapter).resolve() if init_adapter is not None else None
+    if init_adapter is not None and spec.mode != "lora":
+        raise ValueError("init_adapter needs mode 'lora'")
+    for need in (base_dir / "config.json", data_dir / "train.jsonl",
+                 *([init_adapter / "adapters.safetensors"] if init_adapter else [])):
         if not need.is_file():
             raise FileNotFoundError(f"{need} not found")
     import mlx.core as mx
@@ -374,6 +435,10 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     from codeadapt.worker import blas_in_use
 
+    if spec.fast_kernels:
+        from codeadapt.models import fastpath
+
+        fastpath.install()
     wall0 = time.perf_counter()
     manifest = data_dir / "manifest.json"
     if not manifest.is_file():
@@ -386,6 +451,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "train_version": TRAIN_VERSION, "spec": spec.model_dump(),
         "base_weights_sha256": weights_sha256(base_dir),
         "data_sha256": {f"{s}.jsonl": file_sha256(p) for s, p in split_files.items()},
+        "init_adapter_sha256": init_sha256(init_adapter),
     }
     model, tokenizer = load(str(base_dir))
     sets, stats = {"valid": []}, {}
@@ -402,6 +468,8 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     mx.random.seed(spec.seed)
     _make_trainable(model, spec)
+    if init_adapter is not None:
+        _init_from(model, init_adapter)
     optimizer = optim.Adam(learning_rate=lr_schedule(spec))
     optimizer.init(model.trainable_parameters())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -433,6 +501,8 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "base_weights_sha256": fingerprint["base_weights_sha256"], "data_dir": str(data_dir),
         "data_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
         "data_sha256": fingerprint["data_sha256"], "blas": blas_in_use(),
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "init_adapter_sha256": fingerprint["init_adapter_sha256"],
         "train_losses": state["train_losses"], "valid_losses": state["valid_losses"],
         "final_valid_loss": state["valid_losses"][-1]["loss"] if state["valid_losses"] else None,
         "input_tokens": state["input_tokens"], "trained_tokens": state["trained_tokens"],
@@ -461,16 +531,18 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 def train_job(payload: dict[str, Any], progress: ProgressFn | None = None) -> dict[str, Any]:
     """The worker's "train" kind: `train_adapter` with JSON arguments."""
     return train_adapter(payload["base_dir"], payload["data_dir"], payload["out_dir"],
-                         TrainSpec.model_validate(payload.get("spec", {})), progress)
+                         TrainSpec.model_validate(payload.get("spec", {})), progress,
+                         payload.get("init_adapter"))
 
 
 def train_in_worker(base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-                    spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None) -> dict[str, Any]:
+                    spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None,
+                    init_adapter: str | Path | None = None) -> dict[str, Any]:
     """`train_adapter` in a child process with the fast BLAS preloaded (see codeadapt.worker)."""
     from codeadapt.worker import run_in_worker
 
     payload = {"base_dir": str(base_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
-               "spec": spec.model_dump()}
+               "spec": spec.model_dump(), "init_adapter": str(init_adapter) if init_adapter else None}
     return run_in_worker("train", payload, progress)
 
 
@@ -495,7 +567,8 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> Path:
     return Path(path)
 
 
-def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, spec: TrainSpec) -> bool:
+def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, spec: TrainSpec,
+               init_adapter: str | Path | None = None) -> bool:
     """True when `out_dir` holds a finished training of exactly these inputs (skip retraining)."""
     path = Path(out_dir) / "metrics.json"
     if not path.is_file():
@@ -505,4 +578,5 @@ def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, 
     data = {f"{s}.jsonl": file_sha256(p) for s, p in files.items() if p.is_file()}
     return (m.get("train_version") == TRAIN_VERSION and m.get("spec") == spec.model_dump()
             and m.get("base_weights_sha256") == weights_sha256(Path(base_dir).resolve())
-            and m.get("data_sha256") == data)
+            and m.get("data_sha256") == data
+            and m.get("init_adapter_sha256") == init_sha256(init_adapter))

@@ -144,18 +144,25 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     evals = {"base": score("base", None)}
     trained, candidates, current = {}, {}, {}
     held = settings.eval.hold_out_sources
+    prev: tuple[Path, Any] | None = None  # (adapter dir, future) phase N+1 may start from
     for p in chain:
         cur, cand = adapters / p, adapters / f"{p}.candidate"
+        spec = settings.train_spec(p)
+        init, after = (prev if prev and spec.continue_chain and spec.mode == "lora"
+                       else (None, None))
         # Held-out sources are scored from every split, so training must not see them.
         train_data = without_sources(data / p, data / f".{p}-holdout", held) if held else data / p
         if (cur / "adapters.safetensors").is_file():
             current[p] = score(p, cur)
-        if train.is_current(cur, base_dir, train_data, settings.train):
+        if after is None and train.is_current(cur, base_dir, train_data, spec, init):
             trained[p] = "up to date"
+            prev = (cur, None)
             continue
-        fut = ml.train_adapter.submit(p, base_dir, train_data, cand, settings.train)
-        trained[p] = "trained"
+        fut = ml.train_adapter.submit(p, base_dir, train_data, cand, spec, init,
+                                      wait_for=[after] if after is not None else [])
+        trained[p] = "trained" + (f" from {init.name}" if init else "")
         candidates[p] = (fut, score(f"{p}-candidate", cand, [fut]))
+        prev = (cand, fut)
     decisions: dict[str, tuple[bool, str]] = {}
     rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
     for p in chain:
@@ -170,8 +177,7 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
                 result = new
             else:
                 get_run_logger().warning("%s: candidate kept at %s.candidate: %s", p, p, decisions[p][1])
-        rows.append({"phase": p, "examples": manifests[p]["counts"]["split"].get("train", 0),
-                     "eval": result})
+        rows.append({"phase": p, **_trained_on(adapters, p, manifests[p]), "eval": result})
     notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: every assistant "
              f"turn of {phase}'s `{settings.eval.split}` split"
              + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
@@ -184,6 +190,21 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     path = ml.write_report(rows, adapters, notes)
     return {"report": str(path), "table": report.phase_table(rows), "trained": trained,
             "promotion": {p: {"promoted": ok, "why": why} for p, (ok, why) in decisions.items()}}
+
+
+def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the scored adapter of `phase` trained on: records kept after length drops, steps,
+    and the adapter it started from."""
+    import json
+
+    for d in (adapters / phase, adapters / f"{phase}.candidate"):
+        if (d / "metrics.json").is_file():
+            m = json.loads((d / "metrics.json").read_text())
+            kept = m.get("examples", {}).get("train", {}).get("kept")
+            init = m.get("init_adapter")
+            start = Path(init).name.removesuffix(".candidate") if init else "base"
+            return {"examples": kept, "training": f"{m['iters']} steps from {start}"}
+    return {"examples": manifest["counts"]["split"].get("train", 0), "training": None}
 
 
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,

@@ -65,10 +65,11 @@ def make_base(bases_dir: Path, base_data: Path, checkouts: list[Path], tiny_args
     return make_tiny_base(out, corpus, TinyBaseArgs(**tiny_args))
 
 
-def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec) -> dict[str, Any]:
+def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
+           init_adapter: Path | None = None) -> dict[str, Any]:
     """Train under the device slot, with a live progress artifact and a loss-curve artifact."""
     log = get_run_logger()
-    if train.is_current(out_dir, base_dir, data_dir, spec):
+    if train.is_current(out_dir, base_dir, data_dir, spec, init_adapter):
         log.info("%s is up to date with its dataset, base and spec: not retraining", out_dir)
         return json.loads((out_dir / "metrics.json").read_text())
     key = _key(f"train-{label}")
@@ -86,7 +87,7 @@ def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: Trai
 
         # A task inside the slot: its run times in the API show trainings never overlap.
         metrics = fit.with_options(task_run_name=f"fit[{label}]")(
-            base_dir, data_dir, out_dir, spec, on_progress)
+            base_dir, data_dir, out_dir, spec, on_progress, init_adapter)
         update_progress_artifact(progress_id, 100.0)
     png = out_dir / "loss.png"
     img = base64.b64encode(png.read_bytes()).decode() if png.is_file() else ""
@@ -95,14 +96,16 @@ def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: Trai
         markdown=f"# {label}: loss\n\n![loss](data:image/png;base64,{img})\n\n"
         f"- final valid loss: {metrics.get('final_valid_loss')}\n"
         f"- tokens/s: {metrics.get('tokens_per_sec')} ({metrics.get('blas')})\n"
-        f"- iters: {metrics['iters']}, resumed from: {metrics.get('resumed_from') or 'none'}\n")
+        f"- iters: {metrics['iters']}, resumed from: {metrics.get('resumed_from') or 'none'}\n"
+        f"- started from: {metrics.get('init_adapter') or 'the base (no adapter)'}\n")
     return metrics
 
 
 @task
-def fit(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec, on_progress: Any) -> dict[str, Any]:
+def fit(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec, on_progress: Any,
+        init_adapter: Path | None = None) -> dict[str, Any]:
     """The training itself, run in the fast-BLAS worker; called only while holding the slot."""
-    return train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress)
+    return train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress, init_adapter)
 
 
 @task(task_run_name="pretrain_base")
@@ -112,8 +115,9 @@ def pretrain_base(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec
 
 
 @task(task_run_name="train_adapter[{phase}]")
-def train_adapter(phase: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec) -> dict[str, Any]:
-    return _train(phase, base_dir, data_dir, out_dir, spec)
+def train_adapter(phase: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
+                  init_adapter: Path | None = None) -> dict[str, Any]:
+    return _train(phase, base_dir, data_dir, out_dir, spec, init_adapter)
 
 
 def eval_key(payload: dict[str, Any]) -> str:
@@ -169,7 +173,7 @@ def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalS
     from codeadapt import prompts as pr
 
     test = pr.user_texts(p.messages for p in pr.collect_prompts(
-        data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set))
+        data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set, spec.max_conversations))
     train_recs = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     return pr.check_contamination(test, pr.user_texts(r["messages"] for r in train_recs),
                                   spec.max_contamination, spec.ngram, spec.max_train_count)

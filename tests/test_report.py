@@ -24,7 +24,8 @@ def _eval(k: int, n: int, adapter_bytes: int | None) -> dict[str, Any]:
 
 
 ROWS = [
-    {"phase": "phase6", "examples": 587, "eval": _eval(18, 30, 3 * 1024 * 1024)},
+    {"phase": "phase6", "examples": 587, "training": "60 steps from phase5",
+     "eval": _eval(18, 30, 3 * 1024 * 1024)},
     {"phase": "base", "examples": None, "eval": _eval(0, 30, None)},
     {"phase": "phase5", "examples": 148, "eval": _eval(9, 30, 3 * 1024 * 1024)},
 ]
@@ -62,12 +63,12 @@ def test_write_report_writes_table_and_chart_atomically(tmp_path: Path) -> None:
     assert path == out / "REPORT.md"
     text = path.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    assert lines[0] == ("| phase | train examples | prompts | load s | gen s/prompt | tokens/s | "
+    assert lines[0] == ("| phase | trained on (examples) | training | prompts | load s | gen s/prompt | tokens/s | "
                         "tool-call accuracy (95% CI) | overall (95% CI) | decision | format | "
                         "name | arguments | stop | answer | executed_ok | adapter size |")
-    assert lines[1].startswith("| base | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%] | "
+    assert lines[1].startswith("| base | – | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%] | "
                                "7.5% [2.6%, 19.9%] | 0.0% |")
-    assert "| phase6 | 587 | 30 |" in lines[2] and lines[2].endswith("| 3.0 MiB |")
+    assert "| phase6 | 587 | 60 steps from phase5 | 30 |" in lines[2] and lines[2].endswith("| 3.0 MiB |")
     assert "![accuracy per phase](accuracy.png)" in text and "Fixed set" in text
     assert "**Tool-call accuracy** (the headline)" in text and "token F1 of at least 0.5" in text
     assert "scored by token F1 >= 0.5 because the expected answer has no fact tokens: base 2/40, " \
