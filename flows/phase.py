@@ -178,8 +178,10 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
             else:
                 get_run_logger().warning("%s: candidate kept at %s.candidate: %s", p, p, decisions[p][1])
         rows.append({"phase": p, **_trained_on(adapters, p, manifests[p]), "eval": result})
-    notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: every assistant "
-             f"turn of {phase}'s `{settings.eval.split}` split"
+    sample = (f"all turns of {settings.eval.max_conversations} conversations (a stable hash sample) "
+              if settings.eval.max_conversations else "every assistant turn ")
+    notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: {sample}"
+             f"of {phase}'s `{settings.eval.split}` split"
              + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
              + f". Base model: `{base_dir}`. Decontamination: {contamination['contaminated']}/"
              f"{contamination['test_texts']} held-out user turns share a word {contamination['n']}-gram "
