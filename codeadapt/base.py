@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -19,7 +16,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
-from codeadapt.fsutil import replace_dir
+from codeadapt.fsutil import publish_dir, write_json
 
 BASE_VERSION = "1"  # bump when the files written for the same inputs change
 
@@ -242,13 +239,13 @@ def make_tiny_base(out_dir: Path, corpus: Iterable[str], args: TinyBaseArgs) -> 
     config = model_config(args, vocab_size, eos_ids)
     weights, n_params = init_weights(args, config)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         tok.save(str(tmp / "tokenizer.json"), pretty=True)
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(args))
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(args))
+        write_json(tmp / "config.json", config)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        info = {
+        write_json(tmp / INFO_FILE, {
             "base_version": BASE_VERSION,
             "args": asdict(args),
             "vocab_size": vocab_size,
@@ -256,15 +253,7 @@ def make_tiny_base(out_dir: Path, corpus: Iterable[str], args: TinyBaseArgs) -> 
             "corpus_sha256": digest.hexdigest(),
             "corpus_documents": stats["documents"],
             "corpus_characters": stats["characters"],
-        }
-        _write_json(tmp / INFO_FILE, info)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        })
 
+    return publish_dir(out_dir, fill)
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codeadapt.fsutil import replace_dir
+from codeadapt.fsutil import publish_dir, write_json
+from codeadapt.train import file_sha256
 
 CONVERTER_VERSION = "1"  # bump when the files written for the same GGUF change
 SMOLLM2 = "smollm2-135m"
@@ -212,14 +209,6 @@ def tokenizer_config_json(meta: dict[str, Any], context: int) -> dict[str, Any]:
     }
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def base_key(gguf: Path) -> str:
     """What a converted directory depends on: the GGUF bytes, this converter and the template."""
     from codeadapt.base import chat_template
@@ -242,26 +231,21 @@ def convert(gguf: Path, out_dir: Path) -> Path:
         raise ValueError(f"{gguf}: token_embd is {weights['model.embed_tokens.weight'].shape}, "
                          f"expected ({shape.vocab}, {shape.hidden})")
     tok = gguf_tokenizer(meta)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         mx.eval(weights)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         tok.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config_json(meta, shape.context))
-        _write_json(tmp / "config.json", config_json(shape, meta, tied))
-        _write_json(tmp / INFO_FILE, {
+        write_json(tmp / "tokenizer_config.json", tokenizer_config_json(meta, shape.context))
+        write_json(tmp / "config.json", config_json(shape, meta, tied))
+        write_json(tmp / INFO_FILE, {
             "converter_version": CONVERTER_VERSION, "source": str(gguf),
             "source_sha256": file_sha256(gguf), "name": meta.get("general.name"),
             "license": meta.get("general.license"),
-            "parameters": sum(w.size for k, w in weights.items()),
+            "parameters": sum(w.size for w in weights.values()),
         })
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return publish_dir(out_dir, fill)
 
 
 def make_base(bases_dir: Path, gguf: Path | None = None, name: str = SMOLLM2) -> Path:
@@ -272,6 +256,3 @@ def make_base(bases_dir: Path, gguf: Path | None = None, name: str = SMOLLM2) ->
         return out
     return convert(gguf, out)
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
