@@ -163,6 +163,9 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
         trained[p] = "trained" + (f" from {init.name}" if init else "")
         candidates[p] = (fut, score(f"{p}-candidate", cand, [fut]))
         prev = (cand, fut)
+    # Every training first: phase N+1 reads phase N's candidate, which promotion renames.
+    for fut, _ in candidates.values():
+        fut.result()
     decisions: dict[str, tuple[bool, str]] = {}
     rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
     for p in chain:

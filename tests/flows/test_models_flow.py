@@ -25,7 +25,8 @@ def micro_overrides(data: Path) -> list[str]:
            "base.tiny={vocab_size = 512, hidden_size = 32, num_hidden_layers = 1, "
            "intermediate_size = 64, num_attention_heads = 2, num_key_value_heads = 1}",
            f"base.pretrain={MICRO_TRAIN.format(iters=4)[:-1]}, mode = 'full'}}",
-           f"train={MICRO_TRAIN.format(iters=4)}",
+           f"train={MICRO_TRAIN.format(iters=4)[:-1]}, continue_chain = true}}",
+           *(f"phases.{p}.train_iters=4" for p in ("phase5", "phase6", "phase7")),
            "eval.max_tokens=8", "eval.batch_size=4",
            # Sets this small share template 8-grams by chance; the check has its own unit tests.
            "eval.max_contamination=1.0"]
@@ -73,6 +74,22 @@ def test_adapters_record_their_dataset_and_load_in_stock_mlx_lm(run):
         assert metrics["data_manifest_sha256"] == file_sha256(data / phase / "manifest.json")
         assert (out / "adapter_config.json").is_file() and (out / "loss.png").is_file()
         assert not list((data / "adapters").glob(f".{phase}*"))  # no temp or work dirs left
+        assert metrics["iters"] == 4
+
+
+def test_each_phase_continues_the_previous_phases_adapter(run):
+    """continue_chain: phase6 starts from phase5's adapter, phase7 from phase6's (the file that
+    was promoted), and phase5 from the base."""
+    data, result = run
+    adapters = data / "adapters"
+    chain = {p: json.loads((adapters / p / "metrics.json").read_text())
+             for p in ("phase5", "phase6", "phase7")}
+    assert chain["phase5"]["init_adapter_sha256"] is None
+    for prev, p in (("phase5", "phase6"), ("phase6", "phase7")):
+        assert chain[p]["init_adapter_sha256"] == file_sha256(adapters / prev / "adapters.safetensors")
+    training = {r["phase"]: r["training"] for r in result["models"]["table"]}
+    assert training == {"base": None, "phase5": "4 steps from base",
+                        "phase6": "4 steps from phase5", "phase7": "4 steps from phase6"}
     base = json.loads((data / "adapters" / "phase7" / "metrics.json").read_text())["base_dir"]
     proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", base,
                            "--adapter-path", str(data / "adapters" / "phase7"), "--prompt", "hi",
