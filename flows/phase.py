@@ -6,6 +6,7 @@ every per-source task, so one run does each repo's work once.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,6 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
 def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """What the scored adapter of `phase` trained on: records kept after length drops, steps,
     and the adapter it started from."""
-    import json
-
     for d in (adapters / phase, adapters / f"{phase}.candidate"):
         if (d / "metrics.json").is_file():
             m = json.loads((d / "metrics.json").read_text())

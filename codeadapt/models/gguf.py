@@ -53,8 +53,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _scalar(meta: dict[str, Any], key: str) -> Any:
-    value = meta[key]
+def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A metadata value as a Python scalar (mlx gives 0-d arrays); `default` when absent."""
+    value = meta.get(key, default)
     return value.item() if hasattr(value, "item") else value
 
 
@@ -100,15 +101,14 @@ class LlamaShape:
 
 def llama_shape(meta: dict[str, Any]) -> LlamaShape:
     heads = int(_scalar(meta, "llama.attention.head_count"))
-    kv = meta.get("llama.attention.head_count_kv")
     return LlamaShape(
         layers=int(_scalar(meta, "llama.block_count")),
         hidden=int(_scalar(meta, "llama.embedding_length")),
         ffn=int(_scalar(meta, "llama.feed_forward_length")),
-        heads=heads, kv_heads=int(kv.item() if hasattr(kv, "item") else kv or heads),
-        rope_theta=float(_scalar(meta, "llama.rope.freq_base")) if "llama.rope.freq_base" in meta else 10000.0,
+        heads=heads, kv_heads=int(_scalar(meta, "llama.attention.head_count_kv", heads)),
+        rope_theta=float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
         rms_eps=float(_scalar(meta, "llama.attention.layer_norm_rms_epsilon")),
-        context=int(_scalar(meta, "llama.context_length")) if "llama.context_length" in meta else 2048,
+        context=int(_scalar(meta, "llama.context_length", 2048)),
         vocab=len(meta["tokenizer.ggml.tokens"]),
     )
 
@@ -182,7 +182,7 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Any:
 
 
 def config_json(shape: LlamaShape, meta: dict[str, Any], tied: bool) -> dict[str, Any]:
-    eos = int(_scalar(meta, "tokenizer.ggml.eos_token_id")) if "tokenizer.ggml.eos_token_id" in meta else None
+    eos = _scalar(meta, "tokenizer.ggml.eos_token_id")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": shape.vocab, "hidden_size": shape.hidden,
