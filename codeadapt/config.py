@@ -51,7 +51,7 @@ class Budget(Strict):
 
     grep: int = Field(0, ge=0)
     read: int = Field(0, ge=0)
-    direct: int = Field(0, ge=0)
+    explain: int = Field(0, ge=0, description="grep → read_file → answer trajectories (what does X do?)")
 
 
 class GroupSpec(Strict):

@@ -8,7 +8,9 @@ Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it 
 - `tool_call` (the headline "accuracy"), over turns that expect a call: the output is a
   well-formed call (`format`) to the expected tool (`name`) with matching arguments
   (`arguments`: equal after filling defaults and normalising paths and integers; for grep,
-  also a different pattern that finds the same, non-empty, lines on the checkout) and nothing
+  also a different pattern that finds the same, non-empty, lines on the checkout; for
+  read_file, also a range of the same file that shows every expected line and at most
+  `READ_SLACK` more, by coverage) and nothing
   after it (`stop`: no extra text, no invented tool response or next turn).
 - `answer`, over turns that expect an answer: no tool-call markup and nothing invented
   (well-formed, no call, `stop`), and the text matches the expected answer. The expected
@@ -241,6 +243,29 @@ def run_call(root: str | Path, name: str, arguments: Any) -> str:
         return f"error: {exc}"
 
 
+READ_SLACK = (2.0, 10)  # a read may show up to 2x the expected lines + 10 and still count
+
+
+def shown_lines(read_result: str) -> tuple[int, int] | None:
+    """First and last line number a read_file result shows; None for an error or nothing."""
+    nums = [int(m[1]) for m in re.finditer(r"(?m)^(\d+): ", read_result)]
+    if read_result.startswith("error:") or not nums:
+        return None
+    return nums[0], nums[-1]
+
+
+def covers(got: str, want: str, got_path: Any, want_path: Any) -> bool:
+    """A read_file call is right when it shows the same file, every line the expected call
+    shows, and not more than `READ_SLACK` allows (reading the whole file is not finding the
+    function)."""
+    g, w = shown_lines(got), shown_lines(want)
+    if g is None or w is None or got_path != want_path:
+        return False
+    factor, extra = READ_SLACK
+    size = w[1] - w[0] + 1
+    return g[0] <= w[0] and g[1] >= w[1] and g[1] - g[0] + 1 <= factor * size + extra
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     correct: bool  # tool_call or answer, whichever the turn expects
@@ -277,6 +302,11 @@ def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Sco
             # Two patterns that find the same lines are the same search.
             want = run_call(root, "grep", prompt.expected_arguments)
             args_ok = output == want and not want.startswith("error:") and want != NO_MATCHES
+        elif (name_ok and not args_ok and prompt.expected_name == "read_file" and output is not None
+              and isinstance(parsed.arguments, dict)):
+            args_ok = covers(output, run_call(root, "read_file", prompt.expected_arguments),
+                             _norm_path(parsed.arguments.get("path")),
+                             _norm_path(prompt.expected_arguments.get("path")))
     match = None
     if not prompt.expects_call:
         match = match_answer(parsed.answer_text, prompt.expected_text)

@@ -1,67 +1,34 @@
-"""Grounded Python examples: grep, read_file and direct answers over one checkout.
+"""Grounded Python examples over one checkout: grep searches, and grep → read_file → answer
+trajectories ("show me X", "what does X do?").
 
 Each example starts from what tree-sitter found (a `Symbol`), runs the real tool on the
-checkout, checks the result agrees with the parse, and writes an answer that only restates the
-tool result. A disagreement drops the example and counts why.
+checkout, checks the result agrees with the parse, and writes an answer that only restates
+tool results. Every call's arguments can be read off the question or an earlier result (the
+read starts at the grep hit's line; the tool's default end is the end of that definition). A
+repository fact is never answered without a call. A disagreement drops the example and counts
+why.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from codeadapt import chat, tools
+from codeadapt import chat, tools, wordings
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async")
 READ_KINDS = ("read_class", "read_function", "read_method")
-DIRECT_KINDS = ("direct_symbol", "direct_module")
+EXPLAIN_KINDS = ("explain_symbol",)
+QUOTE_LINES = 8  # a "show me" answer quotes at most this many lines of what it read
 HIT_RE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+):(?P<text>.*)$")
-
-PHRASES: dict[str, tuple[str, ...]] = {
-    "grep_class": ("Where is the class `{name}` defined in {repo}?",
-                   "Find the definition of class `{name}` in {repo}.",
-                   "In {repo}, which file defines `class {name}`?",
-                   "I'm looking for the `{name}` class in {repo}. Where is it?"),
-    "grep_function": ("Where is the function `{name}` defined in {repo}?",
-                      "Find `def {name}` in {repo}.",
-                      "Which file of {repo} defines the `{name}` function?",
-                      "Locate the `{name}` function in the {repo} code base."),
-    "grep_subclasses": ("Which classes in {repo} subclass `{name}`?",
-                        "List the subclasses of `{name}` in {repo}.",
-                        "What classes derive from `{name}` in {repo}?"),
-    "grep_decorator": ("Where is the `@{name}` decorator used in {repo}?",
-                       "Find every use of `@{name}` in {repo}.",
-                       "Which definitions in {repo} are decorated with `@{name}`?"),
-    "grep_importers": ("Which files in {repo} import `{name}`?",
-                       "Find the modules of {repo} that import from `{name}`.",
-                       "Who imports `{name}` in {repo}?"),
-    "grep_async": ("Which async functions are defined in `{name}` in {repo}?",
-                   "List the `async def`s in {repo}'s `{name}`.",
-                   "What coroutines does `{name}` define in {repo}?"),
-    "read_class": ("Show me the class `{name}` in {repo}.",
-                   "Can you show the source of `{name}` from {repo}?",
-                   "I want to read the implementation of class `{name}` in {repo}."),
-    "read_function": ("Show me the function `{name}` in {repo}.",
-                      "What does the source of `{name}` in {repo} look like?",
-                      "Read me the implementation of `{name}` in {repo}."),
-    "read_method": ("Show me the method `{name}` in {repo}.",
-                    "How is `{name}` implemented in {repo}? Show me the code.",
-                    "Let me see the source of the `{name}` method in {repo}."),
-    "direct_symbol": ("What does `{name}` in {repo} do?",
-                      "Briefly, what is `{name}` for in {repo}?",
-                      "Explain the purpose of `{name}` in {repo}."),
-    "direct_module": ("What is the `{name}` module of {repo} for?",
-                      "Summarise what `{name}` in {repo} contains.",
-                      "What's the role of the `{name}` module in {repo}?"),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -85,7 +52,7 @@ class Ctx:
         return random.Random(":".join(map(str, (self.seed, self.source, *key))))
 
     def question(self, kind: str, name: str) -> str:
-        return self.rng(kind, name, "phrase").choice(PHRASES[kind]).format(name=name, repo=self.source)
+        return wordings.pick(kind, self.rng(kind, name, "phrase"), name=name, repo=self.source)
 
     def example(self, messages: list[dict], kind: str, sym_path: str, start: int, end: int) -> Example:
         return Example(
@@ -255,39 +222,58 @@ def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
                             (path, min(lines), max(lines)))
 
 
+def _read_trajectory(ctx: Ctx, kind: str, s: Symbol) -> tuple[list[dict], str] | None:
+    """grep for the definition, then read_file from the hit's line (the tool's default end is
+    the end of the definition, decorators included): every argument is on screen before the
+    call. None (counted) when the name is ambiguous or the read disagrees with the parse."""
+    if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
+        ctx.stats["dropped_span_too_long"] += 1
+        return None
+    kw = "class" if s.kind == "class" else r"(async\s+)?def"
+    gargs = {"pattern": rf"^\s*{kw} {s.name}\b", "glob": "*.py"}
+    got = _grep(ctx, gargs)
+    if got is None:
+        return None
+    gres, hits = got
+    if len(hits) != 1 or (hits[0][0], hits[0][1]) != (s.path, s.def_line):
+        ctx.stats["dropped_ambiguous_name"] += 1
+        return None
+    rargs = {"path": hits[0][0], "start_line": hits[0][1]}
+    rres = tools.execute(ctx.root, "read_file", rargs)
+    shown = [int(ln.split(":", 1)[0]) for ln in rres.splitlines() if ln.split(":", 1)[0].isdigit()]
+    if rres.startswith("error:") or not shown or (shown[0], shown[-1]) != (s.start_line, s.end_line):
+        ctx.stats["dropped_read_disagrees_with_parse"] += 1
+        return None
+    msgs = [chat.user(ctx.question(kind, s.qualname)), chat.tool_call("call_1", "grep", gargs),
+            chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
+            chat.tool_result("call_2", "read_file", rres)]
+    return msgs, rres
+
+
+def code_of(read_result: str) -> list[str]:
+    """The source lines of a read_file result, without the `N: ` prefixes."""
+    return [ln.split(": ", 1)[1] if ": " in ln else "" for ln in read_result.splitlines()]
+
+
+def show_answer(s: Symbol, read_result: str) -> str:
+    """Answer "show me X": where it is, and the code read (its head when long), dedented."""
+    lines = code_of(read_result)
+    code = textwrap.dedent("\n".join(lines[:QUOTE_LINES])).rstrip()
+    where = f"`{s.qualname}` is in `{s.path}`, lines {s.start_line}–{s.end_line}"
+    if len(lines) <= QUOTE_LINES:
+        return f"{where}:\n\n```python\n{code}\n```"
+    return f"{where}. Its first {QUOTE_LINES} lines:\n\n```python\n{code}\n```"
+
+
 def _gen_read(ctx: Ctx, kind: str, want: Callable[[Symbol], bool]) -> Iterator[Example | None]:
     for s in _candidates(ctx, kind, want):
-        if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
-            ctx.stats["dropped_span_too_long"] += 1
-            yield None
-            continue
-        kw = "class" if s.kind == "class" else r"(async\s+)?def"
-        gargs = {"pattern": rf"^\s*{kw} {s.name}\b", "glob": "*.py"}
-        got = _grep(ctx, gargs)
+        got = _read_trajectory(ctx, kind, s)
         if got is None:
             yield None
             continue
-        gres, hits = got
-        if len(hits) != 1 or (hits[0][0], hits[0][1]) != (s.path, s.def_line):
-            ctx.stats["dropped_ambiguous_name"] += 1
-            yield None
-            continue
-        rargs = {"path": s.path, "start_line": s.start_line, "end_line": s.end_line}
-        rres = tools.execute(ctx.root, "read_file", rargs)
-        shown = [ln.split(": ", 1)[-1] for ln in rres.splitlines()]
-        if rres.startswith("error:") or s.signature.split("(")[0].split()[-1] not in "\n".join(shown):
-            ctx.stats["dropped_read_disagrees_with_parse"] += 1
-            yield None
-            continue
-        answer = (f"`{s.qualname}` is in `{s.path}`, lines {s.start_line}–{s.end_line}. "
-                  f"Its definition line is:\n\n```python\n{shown[s.def_line - s.start_line].strip()}\n```")
-        doc_first = s.docstring.strip().splitlines()[0].strip() if s.docstring.strip() else ""
-        if doc_first and doc_first in rres:
-            answer += f"\n\nIts docstring starts: \"{doc_first}\""
-        msgs = [chat.user(ctx.question(kind, s.qualname)), chat.tool_call("call_1", "grep", gargs),
-                chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
-                chat.tool_result("call_2", "read_file", rres), chat.assistant(answer)]
-        yield ctx.example(msgs, kind, s.path, s.start_line, s.end_line)
+        msgs, rres = got
+        yield ctx.example([*msgs, chat.assistant(show_answer(s, rres))], kind, s.path,
+                          s.start_line, s.end_line)
 
 
 def gen_read_class(ctx: Ctx) -> Iterator[Example | None]:
@@ -302,31 +288,45 @@ def gen_read_method(ctx: Ctx) -> Iterator[Example | None]:
     return _gen_read(ctx, "read_method", lambda s: s.kind == "method" and _public(s))
 
 
-def first_paragraph(doc: str) -> str:
-    para = doc.strip().split("\n\n")[0]
-    return " ".join(para.split())
+_ROLE = re.compile(r":(?:[\w-]+:)*[\w-]+:`~?([^`]+)`")  # :class:`Foo`, :py:meth:`~a.b`
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def clean_doc(doc: str, limit: int = 400) -> str:
+    """The first paragraph of a docstring as plain text: Sphinx roles and ``literals`` become
+    `code`, whitespace folded, and cut at a sentence end (never mid-sentence) when long."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    para = _ROLE.sub(lambda m: f"`{m[1].split('.')[-1] if m[0].count('~') else m[1]}`", para)
+    para = _LITERAL.sub(r"`\1`", para)
+    if len(para) <= limit:
+        return para
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", para) if m.end() <= limit]
+    return para[:ends[-1]] if ends else ""
 
 
 def _usable_doc(doc: str) -> bool:
-    p = first_paragraph(doc)
-    return 40 <= len(p) <= 600 and not p.startswith((":", ">>>", ".."))
+    p = clean_doc(doc)
+    return 40 <= len(p) and not p.startswith((":", ">>>", "..")) and p.rstrip().endswith((".", "!", "?"))
 
 
-def gen_direct_symbol(ctx: Ctx) -> Iterator[Example | None]:
-    want = lambda s: s.kind in {"class", "function"} and _public(s) and _usable_doc(s.docstring)  # noqa: E731
-    for s in _candidates(ctx, "direct_symbol", want):
-        msgs = [chat.user(ctx.question("direct_symbol", s.qualname)),
-                chat.assistant(first_paragraph(s.docstring))]
-        yield ctx.example(msgs, "direct_symbol", s.path, s.start_line, s.end_line)
+def gen_explain_symbol(ctx: Ctx) -> Iterator[Example | None]:
+    """"What does X do?": look it up (grep, read), then answer from the docstring that was read."""
+    want = lambda s: s.kind in {"class", "function", "method"} and _public(s) and _usable_doc(s.docstring)  # noqa: E731
+    for s in _candidates(ctx, "explain_symbol", want):
+        got = _read_trajectory(ctx, "explain_symbol", s)
+        doc = clean_doc(s.docstring)
+        if got is None or first_paragraph(s.docstring)[:30] not in " ".join(got[1].split()):
+            ctx.stats["dropped_doc_not_read"] += got is not None
+            yield None
+            continue
+        answer = f"`{s.qualname}` (`{s.path}`, line {s.def_line}): {doc}"
+        yield ctx.example([*got[0], chat.assistant(answer)], "explain_symbol", s.path,
+                          s.start_line, s.end_line)
 
 
-def gen_direct_module(ctx: Ctx) -> Iterator[Example | None]:
-    files = [f for f in ctx.extraction.files if _usable_doc(f.module_docstring)]
-    for f in _shuffled(ctx, "direct_module", sorted(files, key=lambda f: f.path)):
-        mod = f.path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-        msgs = [chat.user(ctx.question("direct_module", mod)),
-                chat.assistant(first_paragraph(f.module_docstring))]
-        yield ctx.example(msgs, "direct_module", f.path, 1, 1)
+def first_paragraph(doc: str) -> str:
+    para = doc.strip().split("\n\n")[0]
+    return " ".join(para.split())
 
 
 GENERATORS: dict[str, Callable[[Ctx], Iterator[Example | None]]] = {
@@ -334,8 +334,7 @@ GENERATORS: dict[str, Callable[[Ctx], Iterator[Example | None]]] = {
     "grep_subclasses": gen_grep_subclasses, "grep_decorator": gen_grep_decorator,
     "grep_importers": gen_grep_importers, "grep_async": gen_grep_async,
     "read_class": gen_read_class, "read_function": gen_read_function,
-    "read_method": gen_read_method,
-    "direct_symbol": gen_direct_symbol, "direct_module": gen_direct_module,
+    "read_method": gen_read_method, "explain_symbol": gen_explain_symbol,
 }
 
 
@@ -371,10 +370,10 @@ def _take(ctx: Ctx, kinds: tuple[str, ...], quota: int) -> list[Example]:
 
 def python_examples(root: Path, extraction: Extraction, quotas: dict[str, int],
                     limits: Limits = Limits(), seed: str = "0") -> tuple[list[Example], dict[str, int]]:
-    """Up to `quotas[grep|read|direct]` grounded examples for one checkout, plus stats."""
+    """Up to `quotas[grep|read|explain]` grounded examples for one checkout, plus stats."""
     ctx = Ctx(Path(root), extraction.source, extraction.commit, extraction, limits, seed, Counter())
     out: list[Example] = []
-    for family, kinds in (("grep", GREP_KINDS), ("read", READ_KINDS), ("direct", DIRECT_KINDS)):
+    for family, kinds in (("grep", GREP_KINDS), ("read", READ_KINDS), ("explain", EXPLAIN_KINDS)):
         out += _take(ctx, kinds, quotas.get(family, 0))
     ctx.stats["examples"] = len(out)
     for ex in out:

@@ -21,7 +21,7 @@ def spread(total: int, names: list[str]) -> dict[str, int]:
 
 
 def source_quotas(settings: Settings) -> dict[str, dict[str, int]]:
-    """Per python source: how many grep/read/direct examples it owes its group's budget."""
+    """Per python source: how many grep/read/explain examples it owes its group's budget."""
     out: dict[str, dict[str, int]] = {}
     srcs = settings.active_sources()
     for gname, group in settings.groups.items():

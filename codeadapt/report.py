@@ -143,7 +143,8 @@ def _chart(table: Sequence[dict[str, Any]], path: str) -> None:
 METRICS_NOTE = (
     "**Tool-call accuracy** (the headline) counts only turns that expect a tool call: the "
     "output is a well-formed call to the right tool with matching arguments (grep: a pattern "
-    "that finds the same lines on the checkout also matches) and nothing after it. "
+    "that finds the same lines on the checkout also matches; read_file: a range of the same "
+    "file that shows every expected line and at most 2x + 10 lines) and nothing after it. "
     "**Overall** scores every turn by its own criterion: tool-call turns as above, answer "
     "turns by `answer`. `answer` counts turns that expect a direct or final answer: no "
     "tool-call markup or invented turns, and every fact token of the expected answer "

@@ -51,7 +51,9 @@ TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
                 "properties": {
                     "path": {"type": "string", "description": "relative path"},
                     "start_line": {"type": "integer", "description": "first line, 1-based"},
-                    "end_line": {"type": "integer", "description": "last line, inclusive"},
+                    "end_line": {"type": "integer",
+                                 "description": "last line, inclusive; default: end of the "
+                                 "definition or block at start_line"},
                 },
                 "required": ["path"],
             },
@@ -173,10 +175,80 @@ def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str 
     return "\n".join(hits)
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _continues(line: str, base: int) -> bool:
+    """Is `line` still inside a statement that starts at indentation `base`? Blank lines, deeper
+    lines and closing brackets at the same depth (a black-style `) -> T:`) are."""
+    s = line.strip()
+    return not s or _indent(line) > base or s[0] in ")]}"
+
+
+DEF_HEADS = ("def ", "async def ", "class ")
+
+
+def _is_decorator(line: str, base: int) -> bool:
+    return line.lstrip().startswith("@") and _indent(line) == base
+
+
+def block_span(lines: list[str], start: int) -> tuple[int, int]:
+    """The lines (1-based, inclusive) of the statement that begins at line `start` with its
+    indented body; for a `def`/`class` or a decorator, the whole definition, decorators
+    included. Indentation only, no parse, so a file that does not parse still reads."""
+    base = _indent(lines[start - 1])
+    head = lines[start - 1].lstrip()
+    first = n = start
+    if head.startswith(DEF_HEADS) or head.startswith("@"):
+        k = start - 1  # climb over decorators (and their wrapped arguments) above
+        while k >= 1 and lines[k - 1].strip() and (_is_decorator(lines[k - 1], base)
+                                                    or _continues(lines[k - 1], base)):
+            first = k if _is_decorator(lines[k - 1], base) else first
+            k -= 1
+        while n <= len(lines) and (_is_decorator(lines[n - 1], base)
+                                   or n > start and _continues(lines[n - 1], base)):
+            n += 1  # down to the definition line itself
+        n = min(n, len(lines))
+    end = n
+    in_string = _open_string(lines[n - 1], None)
+    n += 1
+    while n <= len(lines) and (in_string is not None or _continues(lines[n - 1], base)):
+        end = n if lines[n - 1].strip() else end
+        in_string = _open_string(lines[n - 1], in_string)
+        n += 1
+    return first, end
+
+
+def _open_string(line: str, inside: str | None) -> str | None:
+    """The triple quote left open after `line` (a docstring's text may sit at any
+    indentation), given the one open before it; None when none is."""
+    i = 0
+    while True:
+        if inside is None:
+            hits = [(line.find(q, i), q) for q in ('"""', "'''") if line.find(q, i) >= 0]
+            if not hits:
+                return None
+            i, inside = min(hits)
+        else:
+            j = line.find(inside, i)
+            if j < 0:
+                return inside
+            i, inside = j, None
+        i += 3
+
+
 def read_file(
-    root: str | os.PathLike[str], path: str, start_line: int = 1, end_line: int | None = None
+    root: str | os.PathLike[str], path: str, start_line: int | None = None,
+    end_line: int | None = None
 ) -> str:
-    """Lines `start_line..end_line` of `path`, each as `N: text`."""
+    """Lines `start_line..end_line` of `path`, each as `N: text`, at most MAX_READ_LINES.
+
+    Defaults: no `start_line` and no `end_line` reads the file from the top; a `start_line`
+    alone reads the definition or block there (`block_span`: a `def` with its decorators and
+    body), so a grep hit's line number is all a caller needs to read a whole function."""
+    whole = start_line is None
+    start_line = 1 if start_line is None else start_line
     root_p = Path(root).resolve()
     file = _resolve(root_p, path)
     if (root_p / path).is_symlink():
@@ -186,15 +258,17 @@ def read_file(
     lines = _text_lines(file)
     if lines is None:
         raise ToolError(f"{path} is binary, not UTF-8, or too large to read")
-    if not isinstance(start_line, int) or start_line < 1:
+    if isinstance(start_line, bool) or not isinstance(start_line, int) or start_line < 1:
         raise ToolError(f"start_line must be a positive integer, got {start_line!r}")
     if start_line > len(lines):
         raise ToolError(f"{path} has only {len(lines)} lines")
-    last = len(lines) if end_line is None else end_line
-    if not isinstance(last, int) or last < start_line:
+    first, last = start_line, end_line
+    if end_line is None:
+        first, last = (1, len(lines)) if whole else block_span(lines, start_line)
+    if isinstance(last, bool) or not isinstance(last, int) or last < start_line:
         raise ToolError(f"end_line must be an integer >= start_line, got {end_line!r}")
-    last = min(last, len(lines), start_line + MAX_READ_LINES - 1)
-    return "\n".join(f"{n}: {lines[n - 1]}" for n in range(start_line, last + 1))
+    last = min(last, len(lines), first + MAX_READ_LINES - 1)
+    return "\n".join(f"{n}: {lines[n - 1]}" for n in range(first, last + 1))
 
 
 def execute(root: str | os.PathLike[str], name: str, arguments: dict[str, Any] | str) -> str:

@@ -506,3 +506,26 @@ def test_markers_come_from_mlx_lm_tool_parser(micro: Path) -> None:
     assert (mk.start, mk.end, mk.parser) == ("<tool_call>", "</tool_call>", json_tools.parse_tool_call)
     assert ev.parse_output(CALL, tokenizer) == ev.parse_output(CALL)
     assert ev.markers_of(None) == ev.Markers()
+
+
+@pytest.mark.parametrize("given, ok", [
+    ({"path": "pkg/a.py", "start_line": 5}, True),  # the expected call itself (block default)
+    ({"path": "pkg/a.py", "start_line": 5, "end_line": 6}, True),  # same lines, spelled out
+    ({"path": "pkg/a.py", "start_line": 4, "end_line": 6}, True),  # a blank line more
+    ({"path": "pkg/a.py", "start_line": 1, "end_line": 6}, True),  # within 2x + 10
+    ({"path": "pkg/a.py", "start_line": 5, "end_line": 5}, False),  # misses the body
+    ({"path": "pkg/a.py", "start_line": 6}, False),  # starts inside the class
+    ({"path": "pkg/b.txt", "start_line": 1}, False),  # another file
+    ({"path": "pkg/a.py", "start_line": 99}, False),  # a tool error
+])
+def test_read_file_scored_by_coverage(repo: Path, given: dict, ok: bool) -> None:
+    prompt = _prompt(repo, name="read_file", arguments={"path": "pkg/a.py", "start_line": 5})
+    assert ev.score(prompt, ev.parse_output(_call("read_file", given)), repo).arguments is ok
+
+
+def test_reading_far_more_than_the_symbol_is_not_finding_it(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text("x = 0\n" * 40 + "def f():\n    return 1\n" + "y = 0\n" * 40)
+    prompt = _prompt(tmp_path, name="read_file", arguments={"path": "m.py", "start_line": 41})
+    whole = ev.parse_output(_call("read_file", {"path": "m.py"}))
+    assert ev.score(prompt, whole, tmp_path).arguments is False
+    assert ev.covers("41: def f():\n42:     return 1", "41: def f():\n42:     return 1", "m.py", "m.py")

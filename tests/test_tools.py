@@ -86,3 +86,58 @@ def test_hostile_patterns_end_as_tool_errors(tmp_path: Path, monkeypatch, args, 
 
 def test_null_byte_path_is_refused(tmp_path: Path):
     assert "outside" in tools.execute(tmp_path, "read_file", {"path": "a\x00b"})
+
+
+BLOCKS = '''import x
+
+
+@app.route(
+    "/a",
+)
+@login_required
+def view(
+    a: int,
+) -> str:
+    """Doc.
+
+Dedented docstring text stays inside: its quotes are indented deeper."""
+    if a:
+        return "x"
+
+    return "y"
+class Thing(Base):
+    x = 1
+
+    def method(self):
+        return 2
+    @property
+    def prop(self):
+        return 3
+value = {
+    "k": 1,
+}
+'''
+
+
+def _block(tmp_path: Path, start: int) -> tuple[int, int]:
+    (tmp_path / "m.py").write_text(BLOCKS)
+    out = tools.read_file(tmp_path, "m.py", start).splitlines()
+    return int(out[0].split(":")[0]), int(out[-1].split(":")[0])
+
+
+@pytest.mark.parametrize("start, span", [
+    (8, (4, 17)),  # def line: wrapped decorator, closing-bracket signature, dedented docstring
+    (4, (4, 17)),  # the first decorator: the same definition
+    (18, (18, 25)),  # class: methods and decorated methods inside, stops at the next statement
+    (23, (23, 25)),  # decorated method from its def line
+    (26, (26, 28)),  # a statement with a bracketed continuation
+    (1, (1, 1)),
+])
+def test_read_file_start_line_alone_reads_the_definition(tmp_path: Path, start, span):
+    assert _block(tmp_path, start) == span
+
+
+def test_read_file_without_lines_reads_the_file_from_the_top(root: Path):
+    assert tools.read_file(root, "pkg/a.py").splitlines()[0] == "1: class A:"
+    assert tools.read_file(root, "pkg/a.py").splitlines()[-1] == "5:     return 1"
+    assert tools.execute(root, "read_file", {"path": "pkg/a.py", "start_line": True}).startswith("error:")

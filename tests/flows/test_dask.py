@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 def overrides(data: Path) -> list[str]:
     return [f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'",
-            "groups.domain.budget={grep = 6, read = 3, direct = 3}",
-            "groups.popular.budget={grep = 40, read = 20, direct = 20}"]
+            "groups.domain.budget={grep = 6, read = 3, explain = 3}",
+            "groups.popular.budget={grep = 40, read = 20, explain = 20}"]
 
 
 def test_dask_build_has_the_same_manifest_hashes(prefect_server, tmp_path: Path, monkeypatch):

@@ -30,8 +30,8 @@ def micro_overrides(data: Path) -> list[str]:
            "eval.max_tokens=8", "eval.batch_size=4",
            # Sets this small share template 8-grams by chance; the check has its own unit tests.
            "eval.max_contamination=1.0"]
-    for g, (grep, read, direct) in budgets.items():
-        out.append(f"groups.{g}.budget={{grep = {grep}, read = {read}, direct = {direct}}}")
+    for g, (grep, read, explain) in budgets.items():
+        out.append(f"groups.{g}.budget={{grep = {grep}, read = {read}, explain = {explain}}}")
     return out
 
 

@@ -28,12 +28,12 @@ data = "{tmp / 'data'}"
 repos = "{tmp / 'data' / 'repos'}"
 adapters = "{tmp / 'adapters'}"
 [groups.domain]
-budget = {{ grep = 4, read = 2, direct = 2 }}
+budget = {{ grep = 4, read = 2, explain = 2 }}
 [groups.popular]
-budget = {{ grep = 6, read = 2, direct = 2 }}
+budget = {{ grep = 6, read = 2, explain = 2 }}
 [groups.html]
 [groups.base]
-budget = {{ grep = 12, read = 4, direct = 4 }}
+budget = {{ grep = 12, read = 4, explain = 4 }}
 [phases.phase5]
 groups = ["domain"]
 [phases.phase6]

@@ -49,7 +49,7 @@ def test_phase7_builds_three_datasets_from_the_ten_projects(built: Path):
     assert set(m["phase6"]["counts"]["source"]) == ten | {"svcs"}
     assert set(m["phase7"]["counts"]["source"]) == ten | {"svcs", "html"}
     kinds = set(m["phase6"]["counts"]["kind"])
-    assert {"grep_class", "read_function", "direct_symbol", "handwritten_read"} <= kinds
+    assert {"grep_class", "read_function", "explain_symbol", "handwritten_read"} <= kinds
     assert m["phase7"]["counts"]["source"]["html"] >= 30
     assert sum(v for k, v in m["phase6"]["counts"]["kind"].items() if k.startswith("grep")) >= 250
     for p in PHASES:
@@ -131,7 +131,7 @@ def test_bad_inputs_are_named_while_other_sources_finish(prefect_server, tmp_pat
 data = "{tmp_path / 'data'}"
 repos = "{tmp_path / 'data' / 'repos'}"
 [groups.g]
-budget = {{ grep = 4, read = 2, direct = 2 }}
+budget = {{ grep = 4, read = 2, explain = 2 }}
 handwritten = ["{bad_jsonl}"]
 [phases.phase5]
 groups = ["g"]

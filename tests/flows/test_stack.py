@@ -84,8 +84,8 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> LiveStack:
 def phase7_overrides(data: Path) -> list[str]:
     out = [f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'",
            f"paths.adapters='{data / 'adapters'}'"]
-    for g, (grep, read, direct) in SMALL_BUDGETS.items():
-        out.append(f"groups.{g}.budget={{grep = {grep}, read = {read}, direct = {direct}}}")
+    for g, (grep, read, explain) in SMALL_BUDGETS.items():
+        out.append(f"groups.{g}.budget={{grep = {grep}, read = {read}, explain = {explain}}}")
     return out
 
 
@@ -246,7 +246,7 @@ def test_a_deployment_run_builds_phase7_with_a_node_per_source_and_a_counts_arti
     total = next(r for r in rows if r["source"] == "ALL")["total"]
     manifest = json.loads((phase7_run["data"] / "phase7" / "manifest.json").read_text())
     assert total == manifest["counts"]["total"] > 0  # written where the overrides said
-    assert manifest["inputs"]["groups"]["popular"]["budget"] == {"grep": 10, "read": 4, "direct": 4}
+    assert manifest["inputs"]["groups"]["popular"]["budget"] == {"grep": 10, "read": 4, "explain": 4}
 
 
 def test_serve_py_takes_over_the_names_and_keeps_the_nightly_schedule_on_shutdown(live_stack: LiveStack):
