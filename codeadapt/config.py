@@ -111,6 +111,10 @@ class TrainSpec(Strict):
     fast_kernels: bool = Field(
         True, description="training only: block-causal attention and SiLU with a base-2 exp "
         "(codeadapt.models.fastpath; same math, ~1.4x faster steps on CPU)")
+    cache_frozen: bool = Field(
+        True, description="LoRA: keep each example's hidden state after the frozen blocks from "
+        "its first epoch and train later epochs on the top blocks only (exact; RAM: "
+        "hidden_size x 4 bytes per token)")
     continue_chain: bool = Field(
         False, description="LoRA of phase N+1 starts from phase N's adapter (its iters are "
         "then the steps added on top), instead of from zero")

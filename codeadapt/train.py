@@ -7,6 +7,7 @@ when called again with the same arguments; the output directory appears only onc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -144,17 +145,26 @@ def _hidden_and_head(model: Any) -> tuple[Any, Any] | None:
     return None
 
 
-def masked_loss(model: Any, inputs: Any, positions: Any, targets: Any, weights: Any) -> tuple[Any, Any]:
+def masked_loss(model: Any, inputs: Any, positions: Any, targets: Any, weights: Any,
+                n_frozen: int = 0) -> tuple[Any, Any]:
     """Mean cross-entropy over target tokens that belong to assistant turns.
 
     Only those positions go through the output head: with a 49k vocabulary the head is ~20%
     of a 135M model's compute, and ~75% of a chat's tokens are prompt and tool output.
+    `inputs` are token ids, or (float) hidden states after the first `n_frozen` blocks
+    (`codeadapt.models.frozen`).
     """
     import mlx.core as mx
     import mlx.nn as nn
 
     split = _hidden_and_head(model)
-    if split is None:  # an architecture we cannot split: full logits, then pick
+    if mx.issubdtype(inputs.dtype, mx.floating):  # hidden states from a FrozenBottom cache
+        from codeadapt.models.frozen import top
+
+        hidden = top(model, inputs, n_frozen)
+        head = split[1]
+        picked = head(mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0))
+    elif split is None:  # an architecture we cannot split: full logits, then pick
         logits = model(inputs)
         picked = mx.take(logits.reshape(-1, logits.shape[-1]), positions, axis=0)
     else:
@@ -227,6 +237,8 @@ class _Run:
         self.mark = 0.0
         self.epochs: dict[int, list[list[int]]] = {}
         self.wall0, self.wall_before = wall0, state["wall_seconds"]
+        self.ids: list[int] = []
+        self.frozen: Any = None  # a codeadapt.models.frozen.FrozenBottom when spec.cache_frozen
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.wall0
@@ -240,7 +252,8 @@ class _Run:
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The batch of 1-based global `step`: a function of (seed, step) only, so resume-safe."""
         epoch, pos = divmod(step - 1, len(self.train_set) // self.spec.batch_size)
-        items = [self.train_set[j] for j in self._epoch(epoch)[pos]]
+        self.ids = self._epoch(epoch)[pos]
+        items = [self.train_set[j] for j in self.ids]
         tokens, mask = collate(items, self.spec.max_seq_length)
         n_in = sum(len(e.tokens) for e in items)
         self.state["input_tokens"] += n_in
@@ -254,7 +267,13 @@ class _Run:
         while True:
             self.after_step(step)
             step += 1
-            yield to_batch(*self.batch(step))
+            tokens, mask = self.batch(step)
+            if self.frozen is None:
+                yield to_batch(tokens, mask)
+                continue
+            inputs, *rest = to_batch(tokens, mask)
+            hidden = self.frozen.hidden(self.ids, tokens, [len(self.train_set[j].tokens) for j in self.ids])
+            yield (hidden[:, : inputs.shape[1]], *rest)
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         self.reports.append((self.start + info["iteration"], float(info["train_loss"])))
@@ -435,6 +454,8 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     from codeadapt.worker import blas_in_use
 
+    from codeadapt.models import frozen
+
     if spec.fast_kernels:
         from codeadapt.models import fastpath
 
@@ -484,13 +505,18 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         state["resumed_from"].append(state["step"])
         log.info("resuming %s from step %d", out_dir, state["step"])
     run = _Run(spec, model, optimizer, sets["train"], sets["valid"], work, state, progress, wall0)
+    loss_fn = masked_loss
+    n_frozen = frozen.split_point(model, spec.lora_layers) if spec.mode == "lora" else None
+    if spec.cache_frozen and n_frozen is not None and _hidden_and_head(model) is not None:
+        run.frozen = frozen.FrozenBottom(model, n_frozen)
+        loss_fn = functools.partial(masked_loss, n_frozen=n_frozen)
     args = TrainingArgs(
         batch_size=spec.batch_size, iters=spec.iters - state["step"],
         steps_per_report=spec.steps_per_report, steps_per_eval=spec.iters + 1,
         steps_per_save=spec.iters + 1, max_seq_length=spec.max_seq_length,
         adapter_file=str(work / "last_trainable.safetensors"))
     model.train()
-    train(model, optimizer, sets["train"], None, args=args, loss=masked_loss,
+    train(model, optimizer, sets["train"], None, args=args, loss=loss_fn,
           iterate_batches=run.iterate_batches, training_callback=run)
     run.after_step(spec.iters)
 
@@ -512,6 +538,9 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "train_seconds": round(secs, 3), "resumed_from": state["resumed_from"],
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         "examples": {s: dict(c) for s, c in stats.items()},
+        "frozen_cache": None if run.frozen is None else {
+            "blocks": run.frozen.n_frozen, "hits": run.frozen.hits, "misses": run.frozen.misses,
+            "mib": round(run.frozen.nbytes() / 2**20, 1)},
         DROPPED_TOO_LONG: sum(c[DROPPED_TOO_LONG] for c in stats.values()),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -5,6 +5,7 @@ A micro base (2 layers, width 32) and a dozen short records keep every run to se
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -544,3 +545,56 @@ def test_fast_kernels_train_like_stock_mlx(first_adapter: tuple[Path, dict[str, 
         assert [p["step"] for p in slow[key]] == [p["step"] for p in fast[key]]
         for a, b in zip(slow[key], fast[key]):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), key
+
+
+# ---- the frozen-bottom cache ---------------------------------------------------------------
+
+
+def test_loss_and_gradients_from_cached_frozen_states_equal_the_full_model() -> None:
+    """Asserts: masked_loss on the hidden states after the bottom blocks (frozen.bottom) with
+    n_frozen equals masked_loss on the tokens (1e-5), and so do the gradients of the top
+    blocks' weights; padding rows beyond a record's length do not change its loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from codeadapt.models import frozen
+
+    model = _micro_llama(True)
+    tokens, mask = _hand_batch()
+    n_frozen = frozen.split_point(model, 1)
+    assert n_frozen == len(model.model.layers) - 1
+    inputs, *rest = to_batch(tokens, mask)
+    cache = frozen.FrozenBottom(model, n_frozen)
+    hidden = cache.hidden([0, 1], tokens, [14, 9])[:, : inputs.shape[1]]
+    assert cache.misses == 2
+    assert cache.hidden([1, 0], tokens[::-1], [9, 14]).shape == (2, 14, hidden.shape[-1])
+    assert cache.hits == 2
+
+    def value_grads(fn: Any, x: Any) -> tuple[float, dict[str, Any]]:
+        v, g = nn.value_and_grad(model, lambda *a: fn(model, *a)[0])(x, *rest)
+        return v.item(), dict(tree_flatten(g))
+
+    v_full, g_full = value_grads(masked_loss, inputs)
+    v_top, g_top = value_grads(functools.partial(masked_loss, n_frozen=n_frozen), hidden)
+    assert v_top == pytest.approx(v_full, abs=1e-5)
+    top_keys = [k for k in g_full if k.startswith(f"model.layers.{n_frozen}.")]
+    assert top_keys
+    for k in top_keys:
+        assert mx.allclose(g_top[k], g_full[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+def test_training_on_cached_frozen_states_matches_the_uncached_run(
+        micro_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Asserts: three epochs with LoRA on the top block, cache on and off, report the same train
+    losses (1e-4); the cached run computed each example's bottom once (9 usable records: at most 9 misses, the rest hits)."""
+    spec = TrainSpec(iters=12, learning_rate=1e-3, batch_size=2, max_seq_length=512,
+                     lora_layers=1, steps_per_report=2, steps_per_eval=100, save_every=100,
+                     fast_kernels=False)
+    on = train_adapter(micro_base, data_dir, tmp_path / "on", spec)
+    off = train_adapter(micro_base, data_dir, tmp_path / "off", spec.model_copy(update={"cache_frozen": False}))
+    assert off["frozen_cache"] is None
+    cache = on["frozen_cache"]
+    assert cache["hits"] + cache["misses"] == 12 * 2 and cache["misses"] <= 9 and cache["blocks"] == 1
+    assert [p["loss"] for p in on["train_losses"]] == pytest.approx(
+        [p["loss"] for p in off["train_losses"]], abs=1e-4)
