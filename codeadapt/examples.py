@@ -22,7 +22,7 @@ from pathlib import Path
 from codeadapt import chat, tools, wordings
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async")
 READ_KINDS = ("read_class", "read_function", "read_method")
@@ -105,12 +105,18 @@ def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[
     return ctx.example(msgs, kind, *prov)
 
 
+def definition_pattern(name: str) -> str:
+    """The one search for "where is X defined": class, def or async def, whichever X is. A
+    question often does not say which ("what does `X` do?"), so one rule serves them all."""
+    return rf"^\s*(class|def|async def) {name}\b"
+
+
 def _defined_answer(name: str, what: str) -> Callable[[list[tuple[str, int, str]]], str]:
     def answer(hits: list[tuple[str, int, str]]) -> str:
         if len(hits) == 1:
             p, n, _ = hits[0]
             return f"{what} `{name}` is defined in `{p}` at line {n}."
-        return f"{what} `{name}` is defined in {len(hits)} places:\n{_loc_list(hits)}"
+        return f"`{name}` is defined in {len(hits)} places:\n{_loc_list(hits)}"
     return answer
 
 
@@ -120,14 +126,14 @@ def _public(sym: Symbol) -> bool:
 
 def gen_grep_class(ctx: Ctx) -> Iterator[Example | None]:
     for s in _candidates(ctx, "grep_class", lambda s: s.kind == "class" and _public(s)):
-        args = {"pattern": rf"^\s*class {s.name}\b", "glob": "*.py"}
+        args = {"pattern": definition_pattern(s.name), "glob": "*.py"}
         yield _grep_example(ctx, "grep_class", s.name, args, {(s.path, s.def_line)},
                             _defined_answer(s.name, "The class"), (s.path, s.start_line, s.end_line))
 
 
 def gen_grep_function(ctx: Ctx) -> Iterator[Example | None]:
     for s in _candidates(ctx, "grep_function", lambda s: s.kind == "function" and _public(s)):
-        args = {"pattern": rf"^\s*(async\s+)?def {s.name}\b", "glob": "*.py"}
+        args = {"pattern": definition_pattern(s.name), "glob": "*.py"}
         yield _grep_example(ctx, "grep_function", s.name, args, {(s.path, s.def_line)},
                             _defined_answer(s.name, "The function"), (s.path, s.start_line, s.end_line))
 
@@ -229,8 +235,7 @@ def _read_trajectory(ctx: Ctx, kind: str, s: Symbol) -> tuple[list[dict], str] |
     if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
         ctx.stats["dropped_span_too_long"] += 1
         return None
-    kw = "class" if s.kind == "class" else r"(async\s+)?def"
-    gargs = {"pattern": rf"^\s*{kw} {s.name}\b", "glob": "*.py"}
+    gargs = {"pattern": definition_pattern(s.name), "glob": "*.py"}
     got = _grep(ctx, gargs)
     if got is None:
         return None
