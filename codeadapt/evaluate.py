@@ -536,7 +536,15 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
 
     gen = generate(model, tokenizer, prompts, spec.max_tokens, spec.batch_size,
                    prefix_cache=spec.prefix_cache)
-    markers = markers_of(tokenizer)
+    return {"model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
+            "load_s": load_model_s + load_adapter_s, "load_model_s": load_model_s,
+            "load_adapter_s": load_adapter_s, "adapter_bytes": adapter_bytes(adapter_dir),
+            **score_outputs(prompts, gen, spec, markers_of(tokenizer))}
+
+
+def score_outputs(prompts: Sequence[Prompt], gen: Generations, spec: EvalSpec, markers: Markers
+                  ) -> dict[str, Any]:
+    """Parse and score every completion: per-prompt results, per-source counts, the summary."""
     results, scores = [], []
     for i, p in enumerate(prompts):
         parsed = parse_output(gen.texts[i], markers, list(p.tools))
@@ -561,19 +569,29 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
         part["k"] += s.correct
         part["n"] += 1
     return {
-        "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
-        "spec": spec.model_dump(), "prompts": len(prompts),
-        "load_s": load_model_s + load_adapter_s, "load_model_s": load_model_s,
-        "load_adapter_s": load_adapter_s, "gen_s": gen.seconds,
+        "spec": spec.model_dump(), "prompts": len(prompts), "gen_s": gen.seconds,
         "gen_s_per_prompt": gen.seconds / len(prompts), "generated_tokens": n_tokens,
         "prompt_tokens": gen.prompt_tokens, "reused_prompt_tokens": gen.reused_tokens,
-        "tokens_per_s": n_tokens / gen.seconds if gen.seconds > 0 else None,
+        "tokens_per_s": n_tokens / gen.seconds if gen.seconds > 0 and n_tokens else None,
         "truncated": sum(r == "length" for r in gen.finish_reasons),
-        "adapter_bytes": adapter_bytes(adapter_dir),
         "metrics": summarize(scores),
         "by_source": by_source,
         "results": results,
     }
+
+
+def evaluate_rules(prompts: Sequence[Prompt], spec: EvalSpec) -> dict[str, Any]:
+    """The rule baseline (`codeadapt.baseline`) on the same prompts and scorer as the models."""
+    from codeadapt.baseline import rule_output
+
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    tic = time.perf_counter()
+    texts = [rule_output(p.messages) for p in prompts]
+    gen = Generations(texts, ["stop"] * len(texts), [0] * len(texts), 0, time.perf_counter() - tic)
+    return {"model": "rules", "adapter": None, "load_s": 0.0, "load_model_s": 0.0,
+            "load_adapter_s": 0.0, "adapter_bytes": None,
+            **score_outputs(prompts, gen, spec, Markers())}
 
 
 def eval_job(payload: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None

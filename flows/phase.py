@@ -168,7 +168,9 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     for fut, _ in candidates.values():
         fut.result()
     decisions: dict[str, tuple[bool, str]] = {}
-    rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()}]
+    rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()},
+            {"phase": "rules", "examples": None, "training": "regexes on the question",
+             "eval": ml.evaluate_rules(data / phase, repos, settings.eval, fixed)}]
     for p in chain:
         result = current[p].result() if p in current else None
         if p in candidates:

@@ -160,6 +160,22 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
     return result
 
 
+@task(task_run_name="evaluate[rules]")
+def evaluate_rules(data_dir: Path, repos_dir: Path, spec: EvalSpec, fixed_set: Path | None
+                   ) -> dict[str, Any]:
+    """The rule baseline on the same prompts and scorer as the models (seconds; no model)."""
+    from codeadapt.evaluate import evaluate_rules as rules
+    from codeadapt.prompts import collect_prompts
+
+    prompts = collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set,
+                              spec.max_conversations)
+    result = rules(prompts, spec)
+    m = result["metrics"]["tool_call"]
+    get_run_logger().info("rules: tool-call accuracy %.1f%% [%.1f, %.1f] on %d prompts",
+                          100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"], result["prompts"])
+    return result
+
+
 @task(task_run_name="promote[{current.name}]")
 def promote(candidate: Path, current: Path) -> Path:
     """Swap a candidate adapter in (rename; the old one is removed only after the swap)."""

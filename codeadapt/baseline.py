@@ -1,0 +1,106 @@
+"""A rule baseline: what a few regular expressions over the visible conversation do on the same
+prompts and scorer as the models. It reads only what a model sees (the question, earlier calls
+and tool results), never the expected turn or the example's kind.
+
+Rules, first turn: a backticked name (else the last identifier-like word) and the question's
+keywords pick a search — subclasses, decorator uses, importers, async functions, an HTML
+check by its keyword, else "where is X defined". After a grep: a "show / explain" question
+reads the first hit from its line; otherwise the answer restates the hits. After a read: the
+answer quotes the code read ("show") or its docstring's first line ("explain").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from typing import Any
+
+from codeadapt.examples import QUOTE_LINES, code_of, definition_pattern, parse_hits
+
+SHOW = re.compile(r"\b(show|source|implement\w*|code|read|look like|open|print|body)\b", re.I)
+EXPLAIN = re.compile(r"\b(what does|what is|what's|purpose|used for|explain|summari[sz]e|tell me)\b", re.I)
+HTML_CHECKS: tuple[tuple[str, str], ...] = (  # question keyword -> the grep an HTML check uses
+    (r"\balt\b|image", r"(?i)<img\b"),
+    (r"tabindex|tab order", r"(?i)tabindex"),
+    (r"heading", r"(?i)<h[1-6]\b"),
+    (r"\blang|language", r"(?i)<html\b"),
+    (r"landmark|region", r'(?i)<(header|nav|main|aside|footer)\b'
+                         r'|\brole="(banner|navigation|main|complementary|contentinfo|search)"'),
+    (r"link", r"(?i)<a\b"),
+    (r"button", r"(?i)<button\b"),
+    (r"field|input|form", r"(?i)<(input|select|textarea)\b"),
+)
+_HTML_PATH = re.compile(r"[\w./-]+\.html?\b")
+
+
+def _call(name: str, arguments: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def _name(question: str) -> str:
+    ticks = re.findall(r"`([^`]+)`", question)
+    if ticks:
+        return re.sub(r"^(class|async def|def)\s+", "", ticks[0].strip())
+    words = re.findall(r"[A-Za-z_][\w.]*", question)
+    return words[-1] if words else question.strip()
+
+
+def first_turn(question: str) -> str:
+    """The search a rule picks for a question."""
+    html = _HTML_PATH.search(question)
+    if html:
+        for keyword, pattern in HTML_CHECKS:
+            if re.search(keyword, question, re.I):
+                return _call("grep", {"pattern": pattern, "path": html[0]})
+        return _call("read_file", {"path": html[0]})
+    name = _name(question).lstrip("@").removesuffix("()")
+    if re.search(r"subclass|inherit|derive|extend|base class", question, re.I):
+        return _call("grep", {"pattern": rf"^\s*class \w+\(.*\b{name.split('.')[-1]}\b", "glob": "*.py"})
+    if "@" in question or re.search(r"decorat", question, re.I):
+        return _call("grep", {"pattern": rf"^\s*@{re.escape(name)}\b", "glob": "*.py"})
+    if re.search(r"\bimport", question, re.I):
+        esc = re.escape(name)
+        return _call("grep", {"pattern": rf"^\s*(from {esc} import|import {esc}\b)", "glob": "*.py"})
+    if re.search(r"async|coroutine", question, re.I):
+        return _call("grep", {"pattern": r"^\s*async def \w+", "path": name})
+    return _call("grep", {"pattern": definition_pattern(name.split(".")[-1]), "glob": "*.py"})
+
+
+def after_grep(question: str, result: str) -> str:
+    hits = parse_hits(result)
+    if hits and (SHOW.search(question) or EXPLAIN.search(question)) and not _HTML_PATH.search(question):
+        return _call("read_file", {"path": hits[0][0], "start_line": hits[0][1]})
+    if not hits:
+        return "Nothing in the repository matches."
+    if len(hits) == 1:
+        return f"`{_name(question)}` is in `{hits[0][0]}` at line {hits[0][1]}."
+    return f"{len(hits)} matches:\n" + "\n".join(f"- `{p}`, line {n}" for p, n, _ in hits)
+
+
+def after_read(question: str, result: str, args: dict[str, Any]) -> str:
+    lines = code_of(result)
+    nums = [int(m[1]) for m in re.finditer(r"(?m)^(\d+): ", result)]
+    where = f"`{_name(question)}` is in `{args.get('path')}`, lines {nums[0]}–{nums[-1]}" if nums else ""
+    if EXPLAIN.search(question) and not SHOW.search(question):
+        doc = re.search(r'"""(.*?)(?:"""|\n\s*\n)', "\n".join(lines), re.S)
+        text = " ".join(doc[1].split()) if doc else ""
+        return f"{where}: {text}" if text else where + "."
+    code = textwrap.dedent("\n".join(lines[:QUOTE_LINES])).rstrip()
+    return f"{where}:\n\n```python\n{code}\n```"
+
+
+def rule_output(messages: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
+    """The rule baseline's completion for a prompt's messages (the model's view)."""
+    question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    last = messages[-1]
+    if last.get("role") != "tool":
+        return first_turn(question)
+    call = next(m for m in reversed(messages) if m.get("tool_calls"))["tool_calls"][0]["function"]
+    args = call.get("arguments")
+    args = json.loads(args) if isinstance(args, str) else args
+    if last.get("content", "").startswith("error:"):
+        return "The tool refused the call: " + last["content"]
+    if call["name"] == "grep":
+        return after_grep(question, last.get("content", ""))
+    return after_read(question, last.get("content", ""), args or {})

@@ -1,0 +1,64 @@
+"""The rule baseline: it reads only the visible conversation, is scored by the same scorer as
+the models, and never crashes on what a tool or a user wrote."""
+
+from pathlib import Path
+
+import pytest
+
+import codeadapt
+from codeadapt import baseline, chat
+from codeadapt.config import EvalSpec
+from codeadapt.evaluate import evaluate_rules
+from codeadapt.examples import python_examples
+from codeadapt.extract import extract_checkout
+from codeadapt.prompts import prompts_of
+
+ROOT = Path(codeadapt.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list:
+    ext = extract_checkout(ROOT, "codeadapt", "0" * 40)
+    made, _ = python_examples(ROOT, ext, {"grep": 12, "read": 8, "explain": 6})
+    out = []
+    for i, ex in enumerate(made):
+        record = {"messages": list(ex.messages), "tools": list(ex.tools)}
+        out += prompts_of(record, f"e{i}", "codeadapt", ex.kind, str(ROOT))
+    return out
+
+
+def test_rules_are_scored_like_a_model_and_find_most_definitions(prompts) -> None:
+    result = evaluate_rules(prompts, EvalSpec(max_tokens=96))
+    assert result["prompts"] == len(prompts) and result["model"] == "rules"
+    by_kind: dict[str, list[bool]] = {}
+    for r in result["results"]:
+        if r["expected"]["name"]:
+            by_kind.setdefault(r["kind"], []).append(r["score"]["correct"])
+    # "where is X" and "show X" questions name X: the rule's search finds the same lines.
+    for kind in ("grep_class", "grep_function", "read_function", "read_class", "read_method"):
+        if kind in by_kind:
+            assert sum(by_kind[kind]) >= len(by_kind[kind]) / 2, (kind, by_kind[kind])
+    assert 0 < result["metrics"]["tool_call"]["accuracy"] < 1
+
+
+def test_rules_read_the_hit_only_when_asked_to_show() -> None:
+    grep_turn = [chat.system("r"), chat.user("Show me the function `run` in r."),
+                 chat.tool_call("c1", "grep", {"pattern": "x"}),
+                 chat.tool_result("c1", "grep", "pkg/a.py:4:async def run():")]
+    assert '"start_line": 4' in baseline.rule_output(grep_turn)
+    grep_turn[1] = chat.user("Where is `run` defined?")
+    assert baseline.rule_output(grep_turn) == "`run` is in `pkg/a.py` at line 4."
+
+
+@pytest.mark.parametrize("question, tool_text", [
+    ("", None), ("``", None), ("@@@ ((( `[`", None), ("What about `a.b.`?", None),
+    ("Show me `x`.", "error: no such file"), ("Show me `x`.", "No matches."),
+    ("Show me `x`.", "1: \n2: \"\"\""), ("Which images in a.html lack alt?", None),
+])
+def test_rules_never_crash(question: str, tool_text: str | None) -> None:
+    msgs = [chat.system("r"), chat.user(question)]
+    if tool_text is not None:
+        name = "read_file" if tool_text.startswith("1:") else "grep"
+        msgs += [chat.tool_call("c1", name, {"path": "a.py"} if name == "read_file" else {"pattern": "x"}),
+                 chat.tool_result("c1", name, tool_text)]
+    assert isinstance(baseline.rule_output(msgs), str)
