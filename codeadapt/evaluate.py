@@ -1,6 +1,7 @@
 """Evaluate a base model or adapter on held-out tool-use turns: generate, parse the tool call
 the chat template defines, score it against the expected turn (running both calls with
-`codeadapt.tools`), and summarise with Wilson intervals. Prompts come from codeadapt.prompts.
+`codeadapt.tools`), and summarise with Wilson intervals on a clustered effective sample size (`effective_n`). Prompts
+come from codeadapt.prompts.
 
 Every prompt is one assistant turn, which expects either a tool call or a direct/final answer.
 Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it applies to):
@@ -19,6 +20,9 @@ Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it 
   (whitespace-normalised substring; numbers as whole numbers, so "10" doesn't match "1").
   An expected answer with no fact tokens (a free-text paraphrase, e.g. of a docstring) is
   matched by bag-of-words token F1 >= 0.5 instead (`ANSWER_F1`); `answer_rule` says which.
+  An answer fails first when its first sentence has the opposite yes/no polarity
+  (`polarity`), when it only repeats the question (token F1 >= 0.8 against it), or when most
+  of its lines are lines of the last tool result (a paste carries the facts without answering).
 - `correct` (overall), over all turns: the turn's own criterion, `tool_call` or `answer`.
 - `decision` (call vs answer), `format`, `stop`: over all turns; `name`, `arguments`: over
   turns that expect a call; `executed_ok`: over the model's calls that were run.
@@ -215,13 +219,46 @@ def token_f1(predicted: str, expected: str) -> float:
 @dataclass(frozen=True, slots=True)
 class AnswerMatch:
     ok: bool
-    rule: str  # "facts", or "f1" when the expected answer has no fact tokens
+    rule: str  # "facts"; "f1" when the expected answer has no fact tokens; or why it failed
+    # before the facts were looked at: "polarity", "repeats_question", "pastes_tool_result"
     missing: tuple[str, ...] = ()  # facts not found in the output
     f1: float | None = None
 
 
-def match_answer(output: str, expected: str) -> AnswerMatch:
-    """Does a direct answer state what the expected answer states? See the module docstring."""
+_NEG = re.compile(r"^(no|none|nothing|neither)\b|\b(no|not|none|never|without)\b|n't\b", re.I)
+_YES = re.compile(r"^(yes|yep|correct|it does|they do)\b", re.I)
+
+
+def polarity(text: str) -> str | None:
+    """"yes", "no" or None for the first sentence of an answer."""
+    first = re.split(r"(?<=[.!?:])\s|\n", text.strip(), maxsplit=1)[0]
+    if _YES.search(first):
+        return "yes"
+    if _NEG.search(first):
+        return "no"
+    return None
+
+
+def _pasted(output: str, tool_result: str) -> bool:
+    """Is the output mostly lines copied from the tool result (`path:line:text`, `N: text`)?"""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    source = {ln.strip() for ln in tool_result.splitlines() if ln.strip()}
+    return bool(lines) and sum(ln in source for ln in lines) * 2 >= len(lines)
+
+
+def match_answer(output: str, expected: str, question: str = "", tool_result: str = ""
+                 ) -> AnswerMatch:
+    """Does a direct answer state what the expected answer states? See the module docstring.
+    Besides the facts: an answer of the opposite polarity (yes/no) is wrong, and so is one that
+    only repeats the question or pastes the last tool result — those carry the facts without
+    answering."""
+    if question and token_f1(output, question) >= 0.8:
+        return AnswerMatch(False, "repeats_question")
+    if tool_result and _pasted(output, tool_result) and not _pasted(expected, tool_result):
+        return AnswerMatch(False, "pastes_tool_result")
+    want, got = polarity(expected), polarity(output)
+    if want and got and want != got:
+        return AnswerMatch(False, "polarity")
     facts = answer_facts(expected)
     if not facts:
         if not _WORDS.search(expected):  # nothing to compare against
@@ -309,7 +346,11 @@ def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Sco
                              _norm_path(prompt.expected_arguments.get("path")))
     match = None
     if not prompt.expects_call:
-        match = match_answer(parsed.answer_text, prompt.expected_text)
+        question = next((m.get("content") or "" for m in reversed(prompt.messages)
+                         if m.get("role") == "user"), "")
+        last = prompt.messages[-1] if prompt.messages else {}
+        match = match_answer(parsed.answer_text, prompt.expected_text, question,
+                             (last.get("content") or "") if last.get("role") == "tool" else "")
     checks = [("format", parsed.format_valid), ("decision", decision), ("name", name_ok),
               ("arguments", args_ok), ("stop", stop),
               ("answer", None if match is None else match.ok)]
@@ -329,8 +370,9 @@ def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Sco
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; (0, 1) when n is 0."""
+def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (n may be an effective, non-integer
+    sample size); (0, 1) when n is 0."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
@@ -342,18 +384,48 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summarize(scores: Sequence[Scored], z: float = 1.96) -> dict[str, dict[str, Any]]:
-    """Rate per metric (`METRICS`) with its Wilson interval, each over the turns it applies to;
-    "answer" also counts how many answer turns were judged by token F1 (`f1_rule`)."""
+def effective_n(vals: Sequence[bool], groups: Sequence[str]) -> float:
+    """Sample size after clustering: n / design effect, with the design effect the variance of
+    the mean under clustering by `groups` (between-group, ratio estimator) over the variance if
+    every turn were independent, at least 1. Turns of one file share its quirks; scoring them
+    as independent would overstate the precision. When every turn agrees the variance says
+    nothing, and the number of groups is used."""
+    n = len(vals)
+    if n == 0:
+        return 0.0
+    totals: dict[str, list[int]] = {}
+    for v, g in zip(vals, groups):
+        t = totals.setdefault(g, [0, 0])
+        t[0] += bool(v)
+        t[1] += 1
+    c, p = len(totals), sum(vals) / n
+    if p in (0.0, 1.0) or c < 2:
+        return float(c)
+    var_cluster = c / (c - 1) * sum((k - p * m) ** 2 for k, m in totals.values()) / n**2
+    deff = max(var_cluster / (p * (1 - p) / n), 1.0)
+    return n / deff
+
+
+def summarize(scores: Sequence[Scored], z: float = 1.96, groups: Sequence[str] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Rate per metric (`METRICS`) with a 95% Wilson interval on the effective sample size
+    (`effective_n`, clustered by `groups`, e.g. the source file of each turn; every turn its
+    own group when None), each over the turns it applies to; "answer" also counts how many
+    answer turns were judged by token F1 (`f1_rule`)."""
+    clustered = groups is not None
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(scores))]
     out: dict[str, dict[str, Any]] = {}
     for m in METRICS:
         if m == "executed_ok":
-            vals = [not s.exec_error for s in scores if s.executed]
+            pairs = [(not s.exec_error, g) for s, g in zip(scores, groups) if s.executed]
         else:
-            vals = [getattr(s, m) for s in scores if getattr(s, m) is not None]
+            pairs = [(getattr(s, m), g) for s, g in zip(scores, groups) if getattr(s, m) is not None]
+        vals = [v for v, _ in pairs]
         k, n = sum(vals), len(vals)
-        lo, hi = wilson(k, n, z)
-        out[m] = {"k": k, "n": n, "accuracy": k / n if n else None, "lo": lo, "hi": hi}
+        n_eff = effective_n(vals, [g for _, g in pairs]) if clustered else float(n)
+        lo, hi = wilson(k / n * n_eff if n else 0, n_eff, z)
+        out[m] = {"k": k, "n": n, "accuracy": k / n if n else None, "lo": lo, "hi": hi,
+                  "n_eff": round(n_eff, 1), "groups": len({g for _, g in pairs})}
     out["answer"]["f1_rule"] = sum(s.answer_rule == "f1" for s in scores)
     return out
 
@@ -574,10 +646,24 @@ def score_outputs(prompts: Sequence[Prompt], gen: Generations, spec: EvalSpec, m
         "prompt_tokens": gen.prompt_tokens, "reused_prompt_tokens": gen.reused_tokens,
         "tokens_per_s": n_tokens / gen.seconds if gen.seconds > 0 and n_tokens else None,
         "truncated": sum(r == "length" for r in gen.finish_reasons),
-        "metrics": summarize(scores),
+        "metrics": summarize(scores, groups=[p.group for p in prompts]),
         "by_source": by_source,
         "results": results,
     }
+
+
+def rescore(result: dict[str, Any], prompts: Sequence[Prompt], spec: EvalSpec,
+            markers: Markers = Markers()) -> dict[str, Any]:
+    """Score a stored result's completions again with the current scorer: generations are
+    what costs, so a cache keeps them, and a scorer fix still reaches every row."""
+    ids = [r["id"] for r in result["results"]]
+    if ids != [p.id for p in prompts]:
+        raise ValueError("stored result was generated for other prompts")
+    rs = result["results"]
+    gen = Generations([r["output"] for r in rs], [r["finish_reason"] for r in rs],
+                      [r["generated_tokens"] for r in rs], result["prompt_tokens"],
+                      result["gen_s"], result.get("reused_prompt_tokens", 0))
+    return {**result, **score_outputs(prompts, gen, spec, markers)}
 
 
 def evaluate_rules(prompts: Sequence[Prompt], spec: EvalSpec) -> dict[str, Any]:

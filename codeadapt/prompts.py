@@ -32,6 +32,11 @@ class Prompt:
     kind: str
     root: str  # checkout the tools run in
     held_out: bool = False  # its source was held out of training
+    cluster: str = ""  # the source file it is about: turns of one file are not independent
+
+    @property
+    def group(self) -> str:
+        return self.cluster or self.example_id
 
     @property
     def expects_call(self) -> bool:
@@ -39,7 +44,7 @@ class Prompt:
 
 
 def prompts_of(record: dict[str, Any], example_id: str, source: str, kind: str, root: str,
-               held_out: bool = False) -> list[Prompt]:
+               held_out: bool = False, cluster: str = "") -> list[Prompt]:
     """One Prompt per assistant message of a `{"messages", "tools"}` record."""
     messages, tool_list = record["messages"], record.get("tools") or []
     chat.validate_messages(messages, tool_list)
@@ -55,7 +60,7 @@ def prompts_of(record: dict[str, Any], example_id: str, source: str, kind: str, 
             id=f"{example_id}#{i}", example_id=example_id, turn=i, messages=tuple(messages[:i]),
             tools=tuple(tool_list), expected_name=fn["name"] if fn else None,
             expected_arguments=fn["arguments"] if fn else None, expected_text=m.get("content") or "",
-            source=source, kind=kind, root=root, held_out=held_out))
+            source=source, kind=kind, root=root, held_out=held_out, cluster=cluster))
     return out
 
 
@@ -103,7 +108,8 @@ def prompts_from_split(data_dir: Path, split: str = "test", hold_out_sources: It
         for record, e in split_records(data_dir, s):
             if s == split or e["source"] in held:
                 out += prompts_of(record, e["id"], e["source"], e["kind"],
-                                  str(repos / e["source"]), e["source"] in held)
+                                  str(repos / e["source"]), e["source"] in held,
+                                  f"{e['source']}/{e.get('path', e['id'])}")
     return out
 
 
@@ -117,7 +123,8 @@ def load_fixed_set(path: Path, repos_dir: Path) -> list[Prompt]:
             raise ValueError(f"{path}:{lineno}: meta needs string id, source and kind, got {meta!r}")
         try:
             out += prompts_of(record, meta["id"], meta["source"], meta["kind"],
-                              str(Path(repos_dir) / meta["source"]))
+                              str(Path(repos_dir) / meta["source"]),
+                              cluster=f"{meta['source']}/{meta.get('path', meta['id'])}")
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from None
     if not out:

@@ -152,8 +152,13 @@ METRICS_NOTE = (
     "output; expected answers without fact tokens (free-text paraphrases) need a token F1 of "
     "at least 0.5 against it instead. `decision` (call vs answer), `format` and `stop` count "
     "every turn; `name`/`arguments` the turns that expect a call; `executed_ok` the model's "
-    "calls that ran without a tool error. Intervals are 95% Wilson intervals. Adapter size is "
-    "the final `adapters.safetensors` only.\n"
+    "calls that ran without a tool error. An answer also fails when its first sentence has the "
+    "opposite yes/no polarity, when it only repeats the question, or when it mostly pastes the "
+    "last tool result. Intervals are 95% Wilson intervals on the effective sample size: turns "
+    "about one source file are clustered (design effect from the between-file variance; the "
+    "number of files when every turn agrees), so 40 turns from 5 files do not count as 40 "
+    "independent ones. The `rules` row is `codeadapt.baseline`: regexes over the visible "
+    "conversation, no model. Adapter size is the final `adapters.safetensors` only.\n"
 )
 
 

@@ -145,8 +145,14 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
                "fixed_set": str(fixed_set) if fixed_set else None}
     cached = cache_dir / f"{_key(label)}-{eval_key(payload)}.json"
     if cached.is_file():
-        get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not re-scoring", label, cached)
-        return json.loads(cached.read_text())
+        from codeadapt.evaluate import rescore
+        from codeadapt.prompts import collect_prompts
+
+        get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not generating "
+                              "again (scored again with the current scorer)", label, cached)
+        prompts = collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources,
+                                  fixed_set, spec.max_conversations)
+        return rescore(json.loads(cached.read_text()), prompts, spec)
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         result = run_in_worker("eval", payload)
     cache_dir.mkdir(parents=True, exist_ok=True)

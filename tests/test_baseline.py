@@ -62,3 +62,14 @@ def test_rules_never_crash(question: str, tool_text: str | None) -> None:
         msgs += [chat.tool_call("c1", name, {"path": "a.py"} if name == "read_file" else {"pattern": "x"}),
                  chat.tool_result("c1", name, tool_text)]
     assert isinstance(baseline.rule_output(msgs), str)
+
+
+def test_a_stored_result_scores_the_same_again_and_refuses_other_prompts(prompts) -> None:
+    from codeadapt.evaluate import rescore
+
+    spec = EvalSpec(max_tokens=96)
+    first = evaluate_rules(prompts, spec)
+    again = rescore(first, prompts, spec)
+    assert again["metrics"] == first["metrics"] and again["results"] == first["results"]
+    with pytest.raises(ValueError, match="other prompts"):
+        rescore(first, prompts[1:], spec)

@@ -467,8 +467,11 @@ def test_evaluate_model_uses_the_templates_parser(micro: Path, repo: Path) -> No
         return ev.Generations(texts, ["stop"] * n, [10] * n, 100, 0.5)
 
     result = ev.evaluate_model(micro, None, _prompts(repo, 4), ev.EvalSpec(), generate=perfect)
-    assert result["metrics"]["correct"] == {"k": 4, "n": 4, "accuracy": 1.0,
-                                            "lo": pytest.approx(0.5101, abs=1e-4), "hi": 1.0}
+    # All four turns come from one conversation (one cluster): the interval is that of one
+    # observation, not four.
+    assert result["metrics"]["correct"] == {"k": 4, "n": 4, "accuracy": 1.0, "n_eff": 1.0,
+                                            "groups": 1, "hi": 1.0,
+                                            "lo": pytest.approx(ev.wilson(1, 1)[0], abs=1e-9)}
     assert result["metrics"]["tool_call"]["k"] == result["metrics"]["tool_call"]["n"] == 2
     assert result["metrics"]["answer"]["k"] == result["metrics"]["answer"]["n"] == 2
     assert result["by_source"]["pkg"] == {"k": 4, "n": 4, "tool_call": {"k": 2, "n": 2},
@@ -529,3 +532,40 @@ def test_reading_far_more_than_the_symbol_is_not_finding_it(tmp_path: Path) -> N
     whole = ev.parse_output(_call("read_file", {"path": "m.py"}))
     assert ev.score(prompt, whole, tmp_path).arguments is False
     assert ev.covers("41: def f():\n42:     return 1", "41: def f():\n42:     return 1", "m.py", "m.py")
+
+
+def test_clustered_intervals_are_wider_when_files_disagree_and_use_files_when_all_agree() -> None:
+    """Asserts: 40 turns from 4 files, two files all right and two all wrong, give an interval
+    as wide as 4 observations would (design effect = cluster size); independent turns (one
+    file each) give plain Wilson; all-wrong turns from 4 files use n = 4, not 40."""
+    vals = [True] * 20 + [False] * 20
+    files = [f"f{i // 10}" for i in range(40)]
+    assert ev.effective_n(vals, files) == pytest.approx(3.0)  # c/(c-1) x between-file variance
+    assert ev.effective_n(vals, [str(i) for i in range(40)]) == pytest.approx(39, abs=1e-9)
+    assert ev.effective_n([False] * 40, files) == 4
+    assert ev.effective_n([True, False], ["a", "a"]) == 1
+    indep = ev.wilson(20, 40)
+    n_eff = ev.effective_n(vals, files)
+    clustered = ev.wilson(20 / 40 * n_eff, n_eff)
+    assert clustered[0] < indep[0] and clustered[1] > indep[1]
+
+
+@pytest.mark.parametrize("output, expected, question, tool, ok", [
+    # The issue's cases: opposite polarity with every fact present.
+    ("Yes: forms/contact.html uses a positive tabindex on several elements",
+     "No element in forms/contact.html has a `tabindex`.", "", "", False),
+    ("No: nothing in forms/contact.html has a `tabindex`.",
+     "No element in forms/contact.html has a `tabindex`.", "", "", True),
+    # Repeating the question carries its backticked names and paths.
+    ("Where is the class `Foo` defined in pkg/a.py?", "`Foo` is in pkg/a.py.",
+     "Where is the class `Foo` defined in pkg/a.py?", "", False),
+    # Pasting the grep result carries the paths and line numbers.
+    ("pkg/a.py:1:class Foo:\npkg/b.py:7:class Foo(Base):",
+     "`Foo` is defined in 2 places:\n- `pkg/a.py`, line 1\n- `pkg/b.py`, line 7", "Where is `Foo`?",
+     "pkg/a.py:1:class Foo:\npkg/b.py:7:class Foo(Base):", False),
+    ("`Foo` is defined in 2 places: `pkg/a.py` (line 1) and `pkg/b.py` (line 7).",
+     "`Foo` is defined in 2 places:\n- `pkg/a.py`, line 1\n- `pkg/b.py`, line 7", "Where is `Foo`?",
+     "pkg/a.py:1:class Foo:\npkg/b.py:7:class Foo(Base):", True),
+])
+def test_answer_scoring_holes(output: str, expected: str, question: str, tool: str, ok: bool) -> None:
+    assert ev.match_answer(output, expected, question, tool).ok is ok
