@@ -159,6 +159,18 @@ class EvalSpec(Strict):
     hold_out_sources: list[str] = Field(default_factory=list, description="sources kept out of training")
 
 
+class AgenticSpec(Strict):
+    """Agentic evaluation (codeadapt.agentic): the model answers held-out questions with the
+    real tools in a loop; its final answer is scored. Separate from `eval` so that changing it
+    does not invalidate stored turn-level generations."""
+
+    tasks: int = Field(30, ge=0, description="tasks per row (a stable hash sample of the held-out "
+                       "conversations that end in an answer after calls); 0 = off")
+    max_calls: int = Field(4, ge=1, le=32, description="tool calls a task may make")
+    max_tokens: int = Field(160, ge=1, le=4096, description="generation limit per turn")
+    batch_size: int = Field(8, ge=1, le=256, description="tasks decoded together per round")
+
+
 class PretrainSpec(TrainSpec):
     """Pre-training of the tiny base: a full fine-tune unless said otherwise."""
 
@@ -216,6 +228,7 @@ class Settings(Strict):
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    agentic: AgenticSpec = Field(default_factory=AgenticSpec)
     root: str = Field(".", description="directory relative paths are resolved against")
 
     @field_validator("sources", "phases", "groups")

@@ -49,12 +49,48 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "answer_turns": answer.get("n"),
             "answer_f1_rule": answer.get("f1_rule"),
             "adapter_bytes": ev.get("adapter_bytes"),
+            **_agentic_cells(row.get("agentic")),
         })
     bases = [r for r in flat if r["phase"] == BASE]
     if len(bases) != 1:
         raise ValueError(f"need exactly one row with phase {BASE!r}, got {len(bases)}: "
                          f"{[r['phase'] for r in flat]}")
     return bases + [r for r in flat if r["phase"] != BASE]
+
+
+def _agentic_cells(result: dict[str, Any] | None) -> dict[str, Any]:
+    if not result:
+        return {"agentic": None, "agentic_lo": None, "agentic_hi": None}
+    a = result["summary"]["all"]
+    return {"agentic": a["success"], "agentic_lo": a["lo"], "agentic_hi": a["hi"],
+            "agentic_summary": result["summary"], "agentic_tasks": result["tasks"],
+            "agentic_kinds": result.get("kinds", {})}
+
+
+def agentic_markdown(table: Sequence[dict[str, Any]]) -> str:
+    """The agentic table: task success (all, held-out files, held-out repositories), calls,
+    invalid calls, time, and why tasks failed."""
+    rows = [r for r in table if r.get("agentic_summary")]
+    if not rows:
+        return ""
+    head = ["phase", "tasks", "task success (95% CI)", "held-out files", "held-out repos",
+            "calls/task", "invalid calls", "s/task", "failures"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sm = r["agentic_summary"]
+        a, f, h = sm["all"], sm["held_out_files"], sm["held_out_repos"]
+        part = lambda x: "–" if not x["n"] else f"{_pct(x['success'])} ({x['k']}/{x['n']})"  # noqa: E731
+        fails = ", ".join(f"{k} {v}" for k, v in sm["failures"].items()) or "–"
+        lines.append("| " + " | ".join([
+            r["phase"], str(a["n"]), _ci(a["success"], a["lo"], a["hi"]), part(f), part(h),
+            _num(a["calls_per_task"], ".2f"), _pct(a["invalid_call_rate"]),
+            _num(a["seconds_per_task"], ".1f"), fails]) + " |")
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(rows[0].get("agentic_kinds", {}).items()))
+    return ("\n## Agentic tasks\n\nThe model gets only the question, calls the real tools on the "
+            "pinned checkout in a loop and is scored on its final answer (lists by precision and "
+            "recall of their items, F1 >= 0.8; other answers by their facts and yes/no polarity); "
+            "every row runs the same tasks" + (f" ({kinds})" if kinds else "") + ".\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def _pct(v: float | None) -> str:
@@ -119,6 +155,11 @@ def _chart(table: Sequence[dict[str, Any]], path: str) -> None:
     series = [("tool-call accuracy", "accuracy", "lo", "hi", "#3b75af", -width / 2),
               ("overall (calls + answers)", "overall", "overall_lo", "overall_hi", "#9dbbd8",
                width / 2)]
+    if any(r.get("agentic") is not None for r in table):
+        width = 0.27
+        series = [("tool-call accuracy", "accuracy", "lo", "hi", "#3b75af", -width),
+                  ("overall (calls + answers)", "overall", "overall_lo", "overall_hi", "#9dbbd8", 0.0),
+                  ("agentic task success", "agentic", "agentic_lo", "agentic_hi", "#e08a3c", width)]
     for label, key, lo_key, hi_key, color, shift in series:
         vals = [r[key] or 0.0 for r in table]
         los = [r[lo_key] if r[key] is not None else 0.0 for r in table]
@@ -180,7 +221,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "Ad
     _atomic_write(out_dir / CHART_FILE, lambda tmp: _chart(table, tmp))
     text = (
         f"# {title}\n\n{markdown_table(table)}\n![accuracy per phase]({CHART_FILE})\n\n"
-        + METRICS_NOTE + _f1_note(table)
+        + METRICS_NOTE + _f1_note(table) + agentic_markdown(table)
         + (f"\n{notes.strip()}\n" if notes.strip() else "")
     )
     path = out_dir / REPORT_FILE

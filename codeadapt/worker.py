@@ -28,7 +28,7 @@ OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 BLAS_ENV = "CODEADAPT_BLAS"
 # kind -> "module:function"; the function takes (payload, progress) and returns a JSON dict.
 KINDS = {"train": "codeadapt.train:train_job", "eval": "codeadapt.evaluate:eval_job",
-         "blas": "codeadapt.worker:blas_job"}
+         "agentic": "codeadapt.agentic:agentic_job", "blas": "codeadapt.worker:blas_job"}
 TAIL_CHARS = 4000
 log = logging.getLogger(__name__)
 

@@ -184,6 +184,14 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
             else:
                 get_run_logger().warning("%s: candidate kept at %s.candidate: %s", p, p, decisions[p][1])
         rows.append({"phase": p, **_trained_on(adapters, p, manifests[p]), "eval": result})
+    agentic = {}
+    for row in rows:  # the same sampled tasks for every row, after the turn-level scores
+        model = "rules" if row["phase"] == "rules" else base_dir
+        adapter = Path(row["eval"]["adapter"]) if row["eval"].get("adapter") else None
+        agentic[row["phase"]] = ml.evaluate_agentic.submit(
+            row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache)
+    for row in rows:
+        row["agentic"] = agentic[row["phase"]].result()
     sample = (f"all turns of {settings.eval.max_conversations} conversations (a stable hash sample) "
               if settings.eval.max_conversations else "every assistant turn ")
     notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: {sample}"

@@ -18,7 +18,7 @@ from prefect.artifacts import (
 from prefect.concurrency.sync import concurrency
 
 from codeadapt import basemodel, report, train
-from codeadapt.config import EvalSpec, TrainSpec
+from codeadapt.config import AgenticSpec, EvalSpec, TrainSpec
 from codeadapt.fsutil import replace_dir
 
 GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never share a device
@@ -163,6 +163,44 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
     get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
                           label, 100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"],
                           100 * c["accuracy"], result["prompts"])
+    return result
+
+
+@task(task_run_name="agentic[{label}]")
+def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None, data_dir: Path,
+                     repos_dir: Path, spec: EvalSpec, agentic: AgenticSpec, cache_dir: Path
+                     ) -> dict[str, Any] | None:
+    """Agentic task success of one model (+ adapter), or of the rules (`model_dir` "rules"),
+    on the same sampled tasks; stored like `evaluate` (not repeated for the same inputs)."""
+    from codeadapt.worker import run_in_worker
+
+    if agentic.tasks == 0:
+        return None
+    rules = str(model_dir) == "rules"
+    payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
+               "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
+               "agentic": agentic.model_dump(), "fixed_set": None}
+    key_payload = {**payload, "spec": {"eval": spec.model_dump(), "agentic": agentic.model_dump()}}
+    key = (hashlib.sha256(json.dumps(key_payload["spec"], sort_keys=True).encode()).hexdigest()[:16]
+           + train.file_sha256(Path(data_dir) / "manifest.json")[:8]) if rules else eval_key(key_payload)
+    cached = cache_dir / f"agentic-{_key(label)}-{key}.json"
+    if cached.is_file() and not rules:
+        return json.loads(cached.read_text())
+    if rules:
+        from codeadapt.agentic import agentic_job
+
+        result = agentic_job(payload)
+    else:
+        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+            result = run_in_worker("agentic", payload)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(cached)
+    a = result["summary"]["all"]
+    get_run_logger().info("%s: agentic task success %.1f%% [%.1f, %.1f] on %d tasks, %.2f calls/task",
+                          label, 100 * a["success"], 100 * a["lo"], 100 * a["hi"], a["n"],
+                          a["calls_per_task"] or 0)
     return result
 
 

@@ -88,3 +88,18 @@ def test_chart_tolerates_bounds_a_hair_past_the_estimate(tmp_path):
            "overall_lo": 0.5000000001, "overall_hi": 0.6}
     report._chart([row, {**row, "phase": "p"}], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_agentic_rows_get_their_own_table_and_bars(tmp_path: Path) -> None:
+    from codeadapt import agentic
+
+    t = agentic.Task("t1", "s", "grep_class", ".", {"role": "system", "content": ""}, "q", "`A`", 1,
+                     (), "s/a.py")
+    outcomes = [agentic.Outcome("t1", True, calls=2)]
+    result = {"tasks": 1, "kinds": {"grep": 1}, "summary": agentic.summarize_tasks([t], outcomes)}
+    rows = [{**r, "agentic": result} for r in ROWS]
+    text = report.write_report(rows, tmp_path).read_text()
+    section = text.split("## Agentic tasks", 1)[1]
+    assert "| base | 1 | 100.0% [" in section and "| 2.00 |" in section and "(grep 1)" in section
+    assert "held-out repos" in section and "| – |" in section  # no repo-held-out task here
+    assert (tmp_path / report.CHART_FILE).stat().st_size > 1000

@@ -28,6 +28,7 @@ def micro_overrides(data: Path) -> list[str]:
            f"train={MICRO_TRAIN.format(iters=4)[:-1]}, continue_chain = true}}",
            *(f"phases.{p}.train_iters=4" for p in ("phase5", "phase6", "phase7")),
            "eval.max_tokens=8", "eval.batch_size=4",
+           "agentic.tasks=6", "agentic.max_calls=2", "agentic.max_tokens=8",
            # Sets this small share template 8-grams by chance; the check has its own unit tests.
            "eval.max_contamination=1.0"]
     for g, (grep, read, explain) in budgets.items():
@@ -57,13 +58,17 @@ def test_phase7_goes_from_repos_to_a_report(run):
     data, result = run
     report = Path(result["models"]["report"])
     text = report.read_text()
-    for row in ("base", "phase5", "phase6", "phase7"):
+    for row in ("base", "rules", "phase5", "phase6", "phase7"):
         assert f"| {row} |" in text
     assert (report.parent / "accuracy.png").stat().st_size > 1000
     table = result["models"]["table"]
-    assert [r["phase"] for r in table] == ["base", "phase5", "phase6", "phase7"]
+    assert [r["phase"] for r in table] == ["base", "rules", "phase5", "phase6", "phase7"]
     assert len({r["prompts"] for r in table}) == 1  # same prompts for every row
-    assert table[0]["adapter_bytes"] is None and all(r["adapter_bytes"] > 0 for r in table[1:])
+    assert table[0]["adapter_bytes"] is None and all(r["adapter_bytes"] > 0 for r in table[2:])
+    # Agentic: every row ran the same tasks with the real tools, and the report has the table.
+    assert {r["agentic_tasks"] for r in table} == {6}
+    assert "## Agentic tasks" in text and "| rules | 6 |" in text
+    assert table[1]["agentic"] > 0  # the rules solve some with the real tools
 
 
 def test_adapters_record_their_dataset_and_load_in_stock_mlx_lm(run):

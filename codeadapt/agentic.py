@@ -1,0 +1,253 @@
+"""Agentic evaluation: the model gets only the question, calls the real tools on the pinned
+checkout in a loop (at most `max_calls` calls; a tool's error comes back to it as the tool
+returns it), and its final answer is scored against the task's ground truth. This is what a
+user of the adapter gets, where the turn-level scores feed the gold history back in.
+
+Tasks are the held-out conversations whose last turn is an answer after at least one call.
+Ground truth comes from that conversation: for "which classes subclass X / which files import
+X / where is @X used" (a bullet list) the expected items, scored by precision and recall; for
+every other kind the expected answer's fact tokens and yes/no polarity (`evaluate.match_answer`:
+path and line for "where is X", the quoted definition for "show X", ...).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from codeadapt import chat
+from codeadapt.evaluate import (Markers, answer_facts, effective_n, match_answer, parse_output,
+                                run_call, wilson)
+from codeadapt.prompts import Prompt
+
+SET_KINDS = ("grep_subclasses", "grep_importers", "grep_decorator", "grep_async")
+SET_F1 = 0.8  # a list answer succeeds at this F1 of its items against the expected items
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    source: str
+    kind: str
+    root: str
+    system: dict[str, Any]
+    question: str
+    expected: str  # the gold conversation's final answer
+    gold_calls: int
+    tools: tuple[dict[str, Any], ...]
+    cluster: str
+    held_out: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    task_id: str
+    success: bool
+    calls: int = 0
+    invalid_calls: int = 0  # unparsable, unknown tool, or a tool error
+    answer: str = ""
+    failure: str = ""  # "" | "no_answer" | "too_many_calls" | an answer-check reason
+    precision: float | None = None
+    recall: float | None = None
+    seconds: float = 0.0
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+
+
+def tasks_from_prompts(prompts: Sequence[Prompt], limit: int | None = None) -> list[Task]:
+    """One task per conversation whose final turn answers after at least one call."""
+    last: dict[str, Prompt] = {}
+    for p in prompts:
+        if p.example_id not in last or p.turn > last[p.example_id].turn:
+            last[p.example_id] = p
+    out = []
+    for p in last.values():
+        calls = sum(bool(m.get("tool_calls")) for m in p.messages)
+        users = [m for m in p.messages if m.get("role") == "user"]
+        if p.expects_call or calls == 0 or len(users) != 1:
+            continue
+        out.append(Task(p.example_id, p.source, p.kind, p.root, p.messages[0], users[0]["content"],
+                        p.expected_text, calls, p.tools, p.group, p.held_out))
+    out.sort(key=lambda t: t.id)
+    return out[:limit] if limit else out
+
+
+def _items(text: str) -> list[frozenset[str]]:
+    """The fact tokens of each bullet line of a list answer."""
+    return [frozenset(answer_facts(ln)) for ln in text.splitlines()
+            if ln.lstrip().startswith(("-", "*")) and answer_facts(ln)]
+
+
+def score_answer(task: Task, answer: str) -> tuple[bool, str, float | None, float | None]:
+    """(success, why not, precision, recall) of a final answer against the task's truth."""
+    if task.kind in SET_KINDS:
+        want, got = _items(task.expected), _items(answer)
+        if want:
+            flat = " ".join(answer.split())
+            found = [w for w in want if all(f in flat for f in w)]
+            right = [g for g in got if any(w <= g for w in want)]
+            recall = len(found) / len(want)
+            precision = len(right) / len(got) if got else (1.0 if found else 0.0)
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            return f1 >= SET_F1, "" if f1 >= SET_F1 else "set", precision, recall
+    m = match_answer(answer, task.expected, task.question)
+    return m.ok, "" if m.ok else (m.rule if m.rule not in ("facts", "f1") else "answer"), None, None
+
+
+Generate = Callable[[list[list[dict[str, Any]]], list[tuple[dict[str, Any], ...]]], list[str]]
+
+
+def run_tasks(tasks: Sequence[Task], generate: Generate, max_calls: int,
+              markers: Markers = Markers()) -> list[Outcome]:
+    """Run every task to a final answer or `max_calls` calls. `generate(conversations, tools)`
+    returns one completion per conversation; tasks still going are generated together, one
+    turn per round, so a batched generator batches across tasks."""
+    convs = {t.id: [t.system, chat.user(t.question)] for t in tasks}
+    out = {t.id: Outcome(t.id, False) for t in tasks}
+    active = list(tasks)
+    for _ in range(max_calls + 1):
+        if not active:
+            break
+        tic = time.perf_counter()
+        texts = generate([convs[t.id] for t in active], [t.tools for t in active])
+        share = (time.perf_counter() - tic) / len(active)
+        still = []
+        for t, text in zip(active, texts):
+            o, conv = out[t.id], convs[t.id]
+            o.seconds += share
+            parsed = parse_output(text, markers, list(t.tools))
+            if not parsed.is_tool_call:
+                o.answer = parsed.answer_text
+                ok, why, o.precision, o.recall = score_answer(t, o.answer)
+                o.success, o.failure = ok and not parsed.fabricated_response, why or (
+                    "" if not parsed.fabricated_response else "fabricated")
+                if not o.answer:
+                    o.success, o.failure = False, "no_answer"
+                continue
+            if o.calls == max_calls:
+                o.failure = "too_many_calls"
+                continue
+            o.calls += 1
+            call_id = f"call_{o.calls}"
+            if not parsed.format_valid or parsed.name is None:
+                o.invalid_calls += 1
+                result = f"error: {parsed.error or 'malformed tool call'}"
+                name, args = "grep", {}
+            else:
+                name, args = parsed.name, parsed.arguments
+                result = run_call(t.root, name, args)
+                o.invalid_calls += result.startswith("error:")
+                if name not in {s["function"]["name"] for s in t.tools}:
+                    name = "grep"  # keep the transcript renderable; the result says what happened
+            conv += [chat.tool_call(call_id, name, args if isinstance(args, dict) else {}),
+                     chat.tool_result(call_id, name, result)]
+            still.append(t)
+        active = still
+    for t in active:  # ran out of rounds while still calling
+        out[t.id].failure = out[t.id].failure or "too_many_calls"
+    for t in tasks:
+        out[t.id].transcript = convs[t.id][1:]
+    return [out[t.id] for t in tasks]
+
+
+def summarize_tasks(tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Task success (clustered Wilson interval), calls, invalid-call rate, time; overall and
+    for held-out files vs held-out repositories."""
+    def part(pairs: list[tuple[Task, Outcome]]) -> dict[str, Any]:
+        vals = [o.success for _, o in pairs]
+        n, k = len(vals), sum(vals)
+        n_eff = effective_n(vals, [t.cluster for t, _ in pairs])
+        lo, hi = wilson(k / n * n_eff if n else 0, n_eff)
+        calls = sum(o.calls for _, o in pairs)
+        return {"k": k, "n": n, "success": k / n if n else None, "lo": lo, "hi": hi,
+                "calls_per_task": calls / n if n else None,
+                "invalid_call_rate": sum(o.invalid_calls for _, o in pairs) / calls if calls else None,
+                "seconds_per_task": sum(o.seconds for _, o in pairs) / n if n else None}
+
+    pairs = list(zip(tasks, outcomes))
+    return {"all": part(pairs), "held_out_files": part([p for p in pairs if not p[0].held_out]),
+            "held_out_repos": part([p for p in pairs if p[0].held_out]),
+            "failures": {f: sum(o.failure == f for o in outcomes)
+                         for f in sorted({o.failure for o in outcomes if o.failure})}}
+
+
+def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int) -> Generate:
+    """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path)."""
+    from codeadapt.evaluate import generate_outputs
+
+    def generate(convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]]) -> list[str]:
+        prompts = [Prompt(id=str(i), example_id=str(i), turn=len(c), messages=tuple(c), tools=t,
+                          expected_name=None, expected_arguments=None, expected_text="",
+                          source="", kind="", root="") for i, (c, t) in enumerate(zip(convs, tools))]
+        return generate_outputs(model, tokenizer, prompts, max_tokens, batch_size).texts
+
+    return generate
+
+
+def rules_generator() -> Generate:
+    from codeadapt.baseline import rule_output
+
+    return lambda convs, tools: [rule_output(c) for c in convs]
+
+
+def outcomes_json(outcomes: Sequence[Outcome], keep_transcripts: int = 20) -> list[dict[str, Any]]:
+    """Outcomes as JSON; the first `keep_transcripts` keep their transcript (for reading)."""
+    rows = []
+    for i, o in enumerate(outcomes):
+        d = asdict(o)
+        if i >= keep_transcripts:
+            d.pop("transcript")
+        rows.append(d)
+    return rows
+
+
+def kinds_of(tasks: Sequence[Task]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in tasks:
+        k = re.sub(r"_(class|function|method)$", "", t.kind)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def sample_tasks(tasks: Sequence[Task], limit: int) -> list[Task]:
+    """A stable sample: the `limit` tasks with the smallest hash of their id."""
+    import hashlib
+
+    return sorted(tasks, key=lambda t: hashlib.sha256(t.id.encode()).hexdigest())[:limit]
+
+
+def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+    """Worker entry: collect and sample the tasks, run them with the model (or, for
+    `model_dir` "rules", the rule baseline), score, summarise."""
+    from pathlib import Path
+
+    from codeadapt.config import AgenticSpec, EvalSpec
+    from codeadapt.prompts import prompts_from_split
+
+    spec, ev = AgenticSpec.model_validate(payload["agentic"]), EvalSpec.model_validate(payload["spec"])
+    prompts = prompts_from_split(Path(payload["data_dir"]), ev.split, ev.hold_out_sources,
+                                 Path(payload["repos_dir"]))
+    tasks = sample_tasks(tasks_from_prompts(prompts), spec.tasks)
+    if not tasks:
+        raise ValueError(f"{payload['data_dir']}: no held-out conversation ends in an answer after a call")
+    tic = time.perf_counter()
+    if payload["model_dir"] == "rules":
+        gen, load_s = rules_generator(), 0.0
+    else:
+        import mlx_lm
+        from mlx_lm.tuner.utils import load_adapters
+
+        model, tokenizer = mlx_lm.load(payload["model_dir"])
+        if payload.get("adapter_dir"):
+            model = load_adapters(model, payload["adapter_dir"])
+        model.eval()
+        load_s = time.perf_counter() - tic
+        gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size)
+    tic = time.perf_counter()
+    outcomes = run_tasks(tasks, gen, spec.max_calls)
+    return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),
+            "spec": spec.model_dump(), "tasks": len(tasks), "kinds": kinds_of(tasks),
+            "load_s": load_s, "run_s": time.perf_counter() - tic,
+            "summary": summarize_tasks(tasks, outcomes), "outcomes": outcomes_json(outcomes)}
