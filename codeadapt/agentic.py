@@ -12,6 +12,7 @@ path and line for "where is X", the quoted definition for "show X", ...).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -218,6 +219,17 @@ def sample_tasks(tasks: Sequence[Task], limit: int) -> list[Task]:
     return sorted(tasks, key=lambda t: hashlib.sha256(t.id.encode()).hexdigest())[:limit]
 
 
+def mix_tasks(pools: Sequence[Sequence[Task]], limit: int) -> list[Task]:
+    """`limit` tasks split evenly across the non-empty pools (held-out files, held-out
+    repositories), each a stable sample; a short pool leaves its share to the others."""
+    pools = sorted((list(p) for p in pools if p), key=len)
+    out: list[Task] = []
+    for i, pool in enumerate(pools):
+        share = (limit - len(out)) // (len(pools) - i)
+        out += sample_tasks(pool, share)
+    return out
+
+
 def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]:
     """Worker entry: collect and sample the tasks, run them with the model (or, for
     `model_dir` "rules", the rule baseline), score, summarise."""
@@ -227,9 +239,14 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     from codeadapt.prompts import prompts_from_split
 
     spec, ev = AgenticSpec.model_validate(payload["agentic"]), EvalSpec.model_validate(payload["spec"])
-    prompts = prompts_from_split(Path(payload["data_dir"]), ev.split, ev.hold_out_sources,
-                                 Path(payload["repos_dir"]))
-    tasks = sample_tasks(tasks_from_prompts(prompts), spec.tasks)
+    repos = Path(payload["repos_dir"])
+    pools = [tasks_from_prompts(prompts_from_split(Path(payload["data_dir"]), ev.split,
+                                                   ev.hold_out_sources, repos))]
+    if payload.get("held_out_dir"):  # every split of a phase no adapter trained on
+        held = Path(payload["held_out_dir"])
+        sources = sorted({e["source"] for e in json.loads((held / "manifest.json").read_text())["examples"]})
+        pools.append(tasks_from_prompts(prompts_from_split(held, ev.split, sources, repos)))
+    tasks = mix_tasks(pools, spec.tasks)
     if not tasks:
         raise ValueError(f"{payload['data_dir']}: no held-out conversation ends in an answer after a call")
     tic = time.perf_counter()

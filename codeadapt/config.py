@@ -157,6 +157,9 @@ class EvalSpec(Strict):
         "(a stable hash sample; None = all)")
     fixed_set: str | None = Field("data/eval/fixed.jsonl", description="fixed prompts for every phase")
     hold_out_sources: list[str] = Field(default_factory=list, description="sources kept out of training")
+    held_out_phase: str | None = Field(
+        None, description="a phase whose sources no trained phase uses: its examples (every "
+        "split) are the held-out repositories of the agentic evaluation")
 
 
 class AgenticSpec(Strict):
@@ -261,7 +264,29 @@ class Settings(Strict):
         for sname, src in self.active_sources().items():
             if src.group not in self.groups:
                 raise ValueError(f"sources.{sname}.group: unknown group {src.group!r}")
+        self.held_out_sources()  # checks eval.held_out_phase
         return self
+
+    def held_out_sources(self) -> dict[str, SourceSpec]:
+        """Sources of `eval.held_out_phase`; a config error when one of them also feeds a trained
+        phase (or, with the tiny base, pre-trains it)."""
+        ho = self.eval.held_out_phase
+        if not ho:
+            return {}
+        if ho not in self.phases:
+            raise ValueError(f"eval.held_out_phase: unknown phase {ho!r}")
+        if self.base_model() == "tiny" and ho == self.base.corpus_phase:
+            raise ValueError(f"eval.held_out_phase {ho!r} pre-trains the tiny base; it cannot be "
+                             "held out (set eval.held_out_phase = '' with base.model = 'tiny')")
+        held = self.phase_sources(ho)
+        for pname in self.phases:
+            if pname == ho:
+                continue
+            both = sorted(set(held) & set(self.phase_sources(pname)))
+            if both:
+                raise ValueError(f"eval.held_out_phase {ho!r}: sources {both} also feed phase "
+                                 f"{pname!r}; a held-out repository must not be trained on")
+        return held
 
     def base_model(self) -> str:
         prof = self.profiles.get(self.profile)

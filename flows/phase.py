@@ -189,7 +189,8 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
         model = "rules" if row["phase"] == "rules" else base_dir
         adapter = Path(row["eval"]["adapter"]) if row["eval"].get("adapter") else None
         agentic[row["phase"]] = ml.evaluate_agentic.submit(
-            row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache)
+            row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache,
+            data / settings.eval.held_out_phase if settings.eval.held_out_phase else None)
     for row in rows:
         row["agentic"] = agentic[row["phase"]].result()
     sample = (f"all turns of {settings.eval.max_conversations} conversations (a stable hash sample) "
@@ -227,6 +228,8 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
     targets = [phase]
     if models and settings.base_model() == "tiny":
         targets.append(settings.base.corpus_phase)
+    if models and settings.eval.held_out_phase:
+        targets.append(settings.eval.held_out_phase)
     manifests = build_data(settings, targets)
     out: dict[str, Any] = {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
                                "failed_sources": m["inputs"]["failed_sources"]}

@@ -168,8 +168,8 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
 
 @task(task_run_name="agentic[{label}]")
 def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None, data_dir: Path,
-                     repos_dir: Path, spec: EvalSpec, agentic: AgenticSpec, cache_dir: Path
-                     ) -> dict[str, Any] | None:
+                     repos_dir: Path, spec: EvalSpec, agentic: AgenticSpec, cache_dir: Path,
+                     held_out_dir: Path | None = None) -> dict[str, Any] | None:
     """Agentic task success of one model (+ adapter), or of the rules (`model_dir` "rules"),
     on the same sampled tasks; stored like `evaluate` (not repeated for the same inputs)."""
     from codeadapt.worker import run_in_worker
@@ -179,10 +179,13 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
     rules = str(model_dir) == "rules"
     payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
                "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
-               "agentic": agentic.model_dump(), "fixed_set": None}
+               "agentic": agentic.model_dump(), "fixed_set": None,
+               "held_out_dir": str(held_out_dir) if held_out_dir else None}
     key_payload = {**payload, "spec": {"eval": spec.model_dump(), "agentic": agentic.model_dump()}}
     key = (hashlib.sha256(json.dumps(key_payload["spec"], sort_keys=True).encode()).hexdigest()[:16]
            + train.file_sha256(Path(data_dir) / "manifest.json")[:8]) if rules else eval_key(key_payload)
+    if held_out_dir is not None:
+        key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
     cached = cache_dir / f"agentic-{_key(label)}-{key}.json"
     if cached.is_file() and not rules:
         return json.loads(cached.read_text())

@@ -63,3 +63,11 @@ def test_set_answers_are_scored_by_precision_and_recall() -> None:
     assert not half[0] and half[2:] == (1.0, 0.5)
     noisy = agentic.score_answer(t, "- `B` (`a.py`, line 3)\n- `C` (`b.py`, line 9)\n- `D` (`c.py`, line 1)\n- `E` (`d.py`, line 2)")
     assert not noisy[0] and noisy[2] == 0.5
+
+
+def test_mixed_tasks_split_the_budget_across_files_and_repositories(tasks) -> None:
+    files, repos = tasks[:10], tasks[10:13]
+    mixed = agentic.mix_tasks([files, repos], 8)
+    assert len(mixed) == 8 and sum(t in repos for t in mixed) == 3  # the short pool gives all it has
+    assert agentic.mix_tasks([files, []], 4) == agentic.sample_tasks(files, 4)
+    assert agentic.mix_tasks([files, repos], 8) == mixed  # stable

@@ -100,3 +100,19 @@ def test_eval_max_conversations_must_be_positive(tmp_path: Path):
     assert load_settings(cfg, overrides=["eval.max_conversations=5"]).eval.max_conversations == 5
     with pytest.raises(ValueError, match=r"eval\.max_conversations"):
         load_settings(cfg, overrides=["eval.max_conversations=0"])
+
+
+def test_a_held_out_phase_must_not_feed_training():
+    """Asserts: the shipped config holds out phase "base" (its sources feed no trained phase);
+    holding out a phase whose sources phase7 trains on, an unknown phase, or the tiny base's
+    pre-training corpus is a config error naming the key."""
+    s = load_settings(CONFIG)
+    assert s.eval.held_out_phase == "base" and "werkzeug" in s.held_out_sources()
+    assert not set(s.held_out_sources()) & set(s.phase_sources("phase7"))
+    with pytest.raises(ValueError, match=r"eval.held_out_phase 'phase5'.*also feed phase 'phase6'"):
+        load_settings(CONFIG, overrides=["eval.held_out_phase='phase5'"])
+    with pytest.raises(ValueError, match="unknown phase 'nope'"):
+        load_settings(CONFIG, overrides=["eval.held_out_phase='nope'"])
+    with pytest.raises(ValueError, match="pre-trains the tiny base"):
+        load_settings(CONFIG, overrides=["base.model='tiny'"])
+    assert load_settings(CONFIG, overrides=["base.model='tiny'", "eval.held_out_phase=''"]).held_out_sources() == {}

@@ -61,6 +61,10 @@ pretrain = {MICRO}, mode = "full" }}
 max_tokens = 8
 fixed_set = ""
 max_contamination = 1.0  # question templates dominate sets this small; not what this test checks
+[agentic]
+tasks = 4
+max_calls = 2
+max_tokens = 8
 """)
     return cfg
 
