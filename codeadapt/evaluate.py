@@ -656,10 +656,11 @@ def rescore(result: dict[str, Any], prompts: Sequence[Prompt], spec: EvalSpec,
             markers: Markers = Markers()) -> dict[str, Any]:
     """Score a stored result's completions again with the current scorer: generations are
     what costs, so a cache keeps them, and a scorer fix still reaches every row."""
-    ids = [r["id"] for r in result["results"]]
-    if ids != [p.id for p in prompts]:
-        raise ValueError("stored result was generated for other prompts")
-    rs = result["results"]
+    stored = {r["id"]: r for r in result["results"]}
+    missing = [p.id for p in prompts if p.id not in stored]
+    if missing:  # fewer prompts (an item excluded since) is fine; a new one is not stored
+        raise ValueError(f"stored result was generated for other prompts (e.g. {missing[:3]})")
+    rs = [stored[p.id] for p in prompts]
     gen = Generations([r["output"] for r in rs], [r["finish_reason"] for r in rs],
                       [r["generated_tokens"] for r in rs], result["prompt_tokens"],
                       result["gen_s"], result.get("reused_prompt_tokens", 0))

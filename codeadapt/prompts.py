@@ -197,9 +197,25 @@ def sample_conversations(prompts: Sequence[Prompt], limit: int | None) -> list[P
 def collect_prompts(data_dir: Path, repos_dir: Path, split: str, hold_out_sources: Iterable[str],
                     fixed_set: Path | None, max_conversations: int | None = None) -> list[Prompt]:
     """Every prompt an evaluation scores: the held-out split (all turns of at most
-    `max_conversations` of its conversations) plus the fixed set, if any."""
-    prompts = sample_conversations(prompts_from_split(data_dir, split, hold_out_sources, repos_dir),
-                                   max_conversations)
-    if fixed_set is not None:
-        prompts += load_fixed_set(fixed_set, repos_dir)
-    return prompts
+    `max_conversations` of its conversations) plus the fixed set, if any, without the
+    conversations whose tool content leaks from the train split (`leaks_of`)."""
+    held = prompts_from_split(data_dir, split, hold_out_sources, repos_dir)
+    fixed = load_fixed_set(fixed_set, repos_dir) if fixed_set is not None else []
+    leaked = leaks_of(data_dir, held + fixed)
+    return (sample_conversations([p for p in held if p.example_id not in leaked], max_conversations)
+            + [p for p in fixed if p.example_id not in leaked])
+
+
+def leaks_of(data_dir: Path, prompts: Sequence[Prompt]) -> dict[str, str]:
+    """{example id: "exact" | "near"} of held-out conversations whose tool calls and results
+    repeat a conversation of `data_dir`'s train split (codeadapt.leaks)."""
+    from codeadapt.leaks import content_leaks
+
+    full: dict[str, tuple[dict[str, Any], ...]] = {}
+    for p in prompts:  # the longest prompt of a conversation holds the most of it
+        if len(p.messages) > len(full.get(p.example_id, ())):
+            full[p.example_id] = p.messages
+    train = Path(data_dir) / "train.jsonl"
+    if not train.is_file():
+        return {}
+    return content_leaks(full, (r["messages"] for r in _read_jsonl(train)))

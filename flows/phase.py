@@ -200,7 +200,11 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
              + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
              + f". Base model: `{base_dir}`. Decontamination: {contamination['contaminated']}/"
              f"{contamination['test_texts']} held-out user turns share a word {contamination['n']}-gram "
-             f"with {phase}'s train split (threshold {settings.eval.max_contamination:.0%}).")
+             f"with {phase}'s train split (threshold {settings.eval.max_contamination:.0%}). "
+             f"Excluded as leaks (their tool calls and results repeat a train conversation, exactly "
+             f"or nearly): {len(contamination.get('leaked', {}))}"
+             + (f" ({', '.join(sorted(contamination['leaked']))})" if contamination.get("leaked") else "")
+             + ".")
     kept = [p for p, (ok, _) in decisions.items() if not ok]
     if kept:
         notes += " Candidates not promoted: " + "; ".join(f"{p} ({decisions[p][1]})" for p in kept) + "."

@@ -235,11 +235,18 @@ def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalS
     """Fail loudly when held-out prompts overlap the phase's train split."""
     from codeadapt import prompts as pr
 
+    held = pr.prompts_from_split(data_dir, spec.split, spec.hold_out_sources, repos_dir)
+    held += pr.load_fixed_set(fixed_set, repos_dir) if fixed_set else []
+    leaked = pr.leaks_of(data_dir, held)
+    if leaked:
+        get_run_logger().warning("excluded from scoring, their tool calls and results repeat a "
+                                 "train conversation: %s", leaked)
     test = pr.user_texts(p.messages for p in pr.collect_prompts(
         data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set, spec.max_conversations))
     train_recs = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
-    return pr.check_contamination(test, pr.user_texts(r["messages"] for r in train_recs),
-                                  spec.max_contamination, spec.ngram, spec.max_train_count)
+    out = pr.check_contamination(test, pr.user_texts(r["messages"] for r in train_recs),
+                                 spec.max_contamination, spec.ngram, spec.max_train_count)
+    return {**out, "leaked": leaked}
 
 
 @task(task_run_name="report")

@@ -71,5 +71,7 @@ def test_a_stored_result_scores_the_same_again_and_refuses_other_prompts(prompts
     first = evaluate_rules(prompts, spec)
     again = rescore(first, prompts, spec)
     assert again["metrics"] == first["metrics"] and again["results"] == first["results"]
+    fewer = rescore(first, prompts[1:], spec)  # an item excluded since: scored without it
+    assert fewer["prompts"] == len(prompts) - 1
     with pytest.raises(ValueError, match="other prompts"):
-        rescore(first, prompts[1:], spec)
+        rescore({**first, "results": first["results"][1:]}, prompts, spec)
