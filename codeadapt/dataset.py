@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -21,7 +22,7 @@ from codeadapt.fsutil import replace_dir
 from codeadapt.records import Checkout, Example
 from codeadapt.secrets import redact, redact_text
 
-DATASET_VERSION = "1"
+DATASET_VERSION = "2"
 SPLITS = ("train", "valid", "test")
 
 
@@ -126,6 +127,7 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
         "source": dict(sorted(Counter(e["source"] for e in entries).items())),
         "source_split": {s: dict(Counter(e["split"] for e in entries if e["source"] == s))
                          for s in sorted({e["source"] for e in entries})},
+        **question_stats([(e, ex) for e, (_, ex) in zip(entries, kept)]),
     }
     manifest: dict[str, Any] = {
         "phase": phase,
@@ -138,6 +140,42 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
     }
     write_atomically(out_dir, rows, manifest)
     return {**json.loads((out_dir / "manifest.json").read_text()), "rebuilt": True}
+
+
+_TICKED = re.compile(r"`[^`]+`")
+_PATHLIKE = re.compile(r"[\w.-]+(?:/[\w.-]+)+|\b[\w-]+\.(?:py|html?)\b")
+
+
+def question_form(question: str, source: str) -> str:
+    """A question with its names, paths and repository taken out: what is left is its wording."""
+    q = _TICKED.sub("X", question.split("\n\n")[0])
+    q = _PATHLIKE.sub("P", q).replace(source, "R")
+    q = re.sub(r"\b[A-Za-z_]\w*(?:\(\))", "X", q)  # name() in a terse question
+    return " ".join(re.findall(r"\w+", q.lower()))
+
+
+def question_stats(pairs: list[tuple[dict[str, Any], Example]]) -> dict[str, Any]:
+    """Distinct question forms per split, and per kind: count, forms, mean calls, mean length."""
+    forms: dict[str, set[str]] = {}
+    kinds: dict[str, dict[str, Any]] = {}
+    for e, ex in pairs:
+        q = next((m["content"] for m in ex.messages if m["role"] == "user"), "")
+        f = question_form(q, ex.source)
+        forms.setdefault(e["split"], set()).add(f)
+        k = kinds.setdefault(e["kind"], {"count": 0, "forms": set(), "calls": 0, "chars": 0})
+        k["count"] += 1
+        k["forms"].add(f)
+        k["calls"] += sum(len(m.get("tool_calls") or []) for m in ex.messages)
+        k["chars"] += sum(len(str(m.get("content") or "")) for m in ex.messages)
+    train = forms.get("train", set())
+    return {
+        "question_forms": {s: len(v) for s, v in sorted(forms.items())},
+        "test_forms_not_in_train": len(forms.get("test", set()) - train),
+        "kind_detail": {k: {"count": v["count"], "forms": len(v["forms"]),
+                            "mean_calls": round(v["calls"] / v["count"], 2),
+                            "mean_chars": round(v["chars"] / v["count"])}
+                        for k, v in sorted(kinds.items())},
+    }
 
 
 def up_to_date(out_dir: Path, inputs: dict[str, Any], split_cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -224,7 +262,13 @@ objects) for fine-tuning a local coding assistant with mlx-lm. Built by codeadap
 
 ## Kinds
 
-{_table(('kind', 'examples'), sorted(c['kind'].items()))}
+Distinct question forms (names, paths and the repository taken out): {c.get('question_forms', {})};
+{c.get('test_forms_not_in_train', 0)} test forms never appear in train (each kind keeps its last
+wordings for test examples).
+
+{_table(('kind', 'examples', 'question forms', 'mean calls', 'mean characters'),
+        ((k, d['count'], d['forms'], d['mean_calls'], d['mean_chars'])
+         for k, d in c.get('kind_detail', {}).items()))}
 
 ## Dropped or short (by reason)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from codeadapt import chat, tools, wordings
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async")
 READ_KINDS = ("read_class", "read_function", "read_method")
@@ -34,6 +34,9 @@ HIT_RE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+):(?P<text>.*)$")
 class Limits:
     max_read_lines: int = 80
     max_grep_hits: int = 20
+    # The dataset's split (valid, test, salt): a test example gets a wording no train example
+    # uses (`wordings.pick`), so the test measures phrasings never trained on. None: any wording.
+    split: tuple[float, float, str] | None = None
 
 
 @dataclass(slots=True)
@@ -51,8 +54,15 @@ class Ctx:
     def rng(self, *key: object) -> random.Random:
         return random.Random(":".join(map(str, (self.seed, self.source, *key))))
 
-    def question(self, kind: str, name: str) -> str:
-        return wordings.pick(kind, self.rng(kind, name, "phrase"), name=name, repo=self.source)
+    def question(self, kind: str, name: str, path: str) -> str:
+        test = False
+        if self.limits.split is not None:
+            from codeadapt.dataset import split_of
+
+            valid, test_share, salt = self.limits.split
+            test = split_of(self.source, path, valid, test_share, salt) == "test"
+        return wordings.pick(kind, self.rng(kind, name, "phrase"), test=test, name=name,
+                             repo=self.source)
 
     def example(self, messages: list[dict], kind: str, sym_path: str, start: int, end: int) -> Example:
         return Example(
@@ -100,7 +110,7 @@ def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[
     if not expect <= {(p, n) for p, n, _ in hits}:
         ctx.stats["dropped_grep_disagrees_with_parse"] += 1
         return None
-    msgs = [chat.user(ctx.question(kind, name)), chat.tool_call("call_1", "grep", args),
+    msgs = [chat.user(ctx.question(kind, name, prov[0])), chat.tool_call("call_1", "grep", args),
             chat.tool_result("call_1", "grep", result), chat.assistant(answer(hits))]
     return ctx.example(msgs, kind, *prov)
 
@@ -249,7 +259,7 @@ def _read_trajectory(ctx: Ctx, kind: str, s: Symbol) -> tuple[list[dict], str] |
     if rres.startswith("error:") or not shown or (shown[0], shown[-1]) != (s.start_line, s.end_line):
         ctx.stats["dropped_read_disagrees_with_parse"] += 1
         return None
-    msgs = [chat.user(ctx.question(kind, s.qualname)), chat.tool_call("call_1", "grep", gargs),
+    msgs = [chat.user(ctx.question(kind, s.qualname, s.path)), chat.tool_call("call_1", "grep", gargs),
             chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
             chat.tool_result("call_2", "read_file", rres)]
     return msgs, rres

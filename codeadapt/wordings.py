@@ -117,6 +117,12 @@ WORDINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def pick(kind: str, rng: random.Random, **fields: str) -> str:
-    """One wording of `kind` filled with `fields`."""
-    return rng.choice(WORDINGS[kind]).format(**fields)
+TEST_ONLY = 3  # the last wordings of each kind are reserved for test examples
+
+
+def pick(kind: str, rng: random.Random, test: bool = False, **fields: str) -> str:
+    """One wording of `kind` filled with `fields`: from the last `TEST_ONLY` wordings for a
+    test example, from the others for train and valid ones."""
+    options = WORDINGS[kind]
+    options = options[-TEST_ONLY:] if test else options[:-TEST_ONLY]
+    return rng.choice(options).format(**fields)

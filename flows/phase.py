@@ -42,7 +42,8 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
             log.error("source %s failed to sync: %s", name, exc)
 
     quotas = plan.source_quotas(settings)
-    limits = ex_mod.Limits(settings.limits.max_read_lines, settings.limits.max_grep_hits)
+    limits = ex_mod.Limits(settings.limits.max_read_lines, settings.limits.max_grep_hits,
+                           (settings.split.valid, settings.split.test, settings.split.salt))
     seed = str(settings.seed)
     py = [c for c in checkouts.values() if c.generator == "python"]
     html = [c for c in checkouts.values() if c.generator == "html"]

@@ -3,6 +3,7 @@ arguments are on screen before the call, answers restate what the tools showed, 
 repository fact never comes without a call."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,23 @@ def test_no_repository_fact_without_a_call(made) -> None:
 ])
 def test_clean_doc(doc: str, want: str) -> None:
     assert examples.clean_doc(doc) == want
+
+
+def test_test_examples_use_wordings_no_train_example_uses() -> None:
+    from codeadapt import wordings
+    from codeadapt.dataset import question_form, split_of
+
+    split = (0.1, 0.4, "salt")
+    ext = extract_checkout(ROOT, "codeadapt", "0" * 40)
+    made, _ = examples.python_examples(ROOT, ext, {"grep": 30, "read": 12, "explain": 8},
+                                       examples.Limits(40, 20, split))
+    forms: dict[str, set[str]] = {"train": set(), "test": set()}
+    for ex in made:
+        s = split_of(ex.source, ex.path, *split)
+        q = ex.messages[1]["content"]
+        allowed = wordings.WORDINGS[ex.kind]
+        allowed = allowed[-wordings.TEST_ONLY:] if s == "test" else allowed[:-wordings.TEST_ONLY]
+        assert any(re.fullmatch(re.escape(w).replace(r"\{name\}", ".+").replace(r"\{repo\}", "codeadapt"), q)
+                   for w in allowed), (s, q)
+        forms.setdefault(s, set()).add(question_form(q, ex.source))
+    assert forms["test"] and forms["train"] and not forms["test"] & forms["train"]
