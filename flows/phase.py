@@ -189,6 +189,8 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     for row in rows:  # the same sampled tasks for every row, after the turn-level scores
         model = "rules" if row["phase"] == "rules" else base_dir
         adapter = Path(row["eval"]["adapter"]) if row["eval"].get("adapter") else None
+        if adapter is not None and not adapter.is_dir():  # scored as a candidate, since promoted
+            adapter = adapter.with_name(adapter.name.removesuffix(".candidate"))
         agentic[row["phase"]] = ml.evaluate_agentic.submit(
             row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache,
             data / settings.eval.held_out_phase if settings.eval.held_out_phase else None)

@@ -94,7 +94,7 @@ def test_each_phase_continues_the_previous_phases_adapter(run):
     for prev, p in (("phase5", "phase6"), ("phase6", "phase7")):
         assert chain[p]["init_adapter_sha256"] == file_sha256(adapters / prev / "adapters.safetensors")
     training = {r["phase"]: r["training"] for r in result["models"]["table"]}
-    assert training == {"base": None, "phase5": "4 steps from base",
+    assert training == {"base": None, "rules": "regexes on the question", "phase5": "4 steps from base",
                         "phase6": "4 steps from phase5", "phase7": "4 steps from phase6"}
     base = json.loads((data / "adapters" / "phase7" / "metrics.json").read_text())["base_dir"]
     proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", base,
