@@ -20,8 +20,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from codeadapt import chat
-from codeadapt.evaluate import (Markers, answer_facts, effective_n, match_answer, parse_output,
-                                run_call, wilson)
+from codeadapt.evaluate import (
+    Markers,
+    answer_facts,
+    effective_n,
+    match_answer,
+    parse_output,
+    run_call,
+    wilson,
+)
 from codeadapt.prompts import Prompt
 
 SET_KINDS = ("grep_subclasses", "grep_importers", "grep_decorator", "grep_async")

@@ -452,9 +452,8 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
     from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
-    from codeadapt.worker import blas_in_use
-
     from codeadapt.models import frozen
+    from codeadapt.worker import blas_in_use
 
     if spec.fast_kernels:
         from codeadapt.models import fastpath

@@ -80,7 +80,7 @@ class FrozenBottom:
         self.hits += len(ids) - len(todo)
         width = tokens.shape[1]
         rows = []
-        for i, n in zip(ids, lengths):
+        for i in ids:
             a = self.cache[i][:width]
             if a.shape[0] < width:
                 a = mx.concatenate([a, mx.zeros((width - a.shape[0], a.shape[1]), a.dtype)])
