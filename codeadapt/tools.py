@@ -137,9 +137,47 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
 
+MAX_PATTERN_CHARS = 1000
+MAX_EXPANSION = 10_000  # the most a pattern's counted repeats may multiply out to
+
+
+def expansion(pattern: str) -> int:
+    """How far the nested counted repeats of `pattern` multiply out (`(?:a{100}){100}` is
+    10,000). The `regex` module expands them at compile time, outside any timeout, so
+    `(?:(?:a{200}){200}){200}` would take gigabytes before a search starts."""
+    depth_product = [1]
+    worst = 1
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            depth_product.append(1)
+        elif c == ")":
+            inner = depth_product.pop() if len(depth_product) > 1 else 1
+            m = re.match(r"\{(\d*)(?:,(\d*))?\}", pattern[i + 1:])
+            count = max(int(m[1] or 0), int(m[2] or 0)) if m else 1
+            depth_product[-1] = max(depth_product[-1], inner * max(count, 1))
+        elif c == "{":
+            m = re.match(r"\{(\d*)(?:,(\d*))?\}", pattern[i:])
+            if m:
+                depth_product[-1] = max(depth_product[-1], max(int(m[1] or 0), int(m[2] or 0), 1))
+        worst = max(worst, *depth_product)
+        i += 1
+    return max(worst, *depth_product)
+
+
 def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str | None = None) -> str:
     """Lines matching `pattern` under `path`, as `path:line:text`."""
     root_p = Path(root).resolve()
+    if not isinstance(pattern, str):
+        raise ToolError(f"pattern must be a string, got {type(pattern).__name__}")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ToolError(f"pattern is longer than {MAX_PATTERN_CHARS} characters")
+    if expansion(pattern) > MAX_EXPANSION:
+        raise ToolError(f"pattern {pattern!r} repeats more than {MAX_EXPANSION:,} times when expanded")
     try:
         regex = re.compile(pattern)
     except (re.error, TypeError, OverflowError, ValueError) as exc:
@@ -297,3 +335,7 @@ def execute(root: str | os.PathLike[str], name: str, arguments: dict[str, Any] |
         return f"error: {exc}"
     except TypeError as exc:
         return f"error: {exc}"
+    except (OSError, RuntimeError, RecursionError, MemoryError, OverflowError, ValueError) as exc:
+        # A name over 255 bytes, a symlink loop, a pattern too big to hold: the model's call
+        # failed, the evaluation goes on.
+        return f"error: {type(exc).__name__}: {str(exc)[:200]}"

@@ -74,7 +74,7 @@ def test_execute_accepts_json_string_arguments(root: Path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"pattern": "a{99999999999}"}, "invalid pattern"),
+    ({"pattern": "a{99999999999}"}, "repeats more than"),
     ({"pattern": "(a|aa)+$", "path": "big.py"}, "took longer than"),
 ])
 def test_hostile_patterns_end_as_tool_errors(tmp_path: Path, monkeypatch, args, message):
@@ -141,3 +141,57 @@ def test_read_file_without_lines_reads_the_file_from_the_top(root: Path):
     assert tools.read_file(root, "pkg/a.py").splitlines()[0] == "1: class A:"
     assert tools.read_file(root, "pkg/a.py").splitlines()[-1] == "5:     return 1"
     assert tools.execute(root, "read_file", {"path": "pkg/a.py", "start_line": True}).startswith("error:")
+
+
+@pytest.mark.parametrize("pattern", ["(?:(?:a{100}){100}){100}", "(?:(?:a{200}){200}){200}",
+                                     "x{1000000}", "a" * 1001])
+def test_patterns_that_expand_past_the_limit_are_refused_before_compiling(tmp_path: Path, pattern):
+    """Asserts: a pattern that multiplies out past MAX_EXPANSION (or is over-long) is a tool error
+    at once, with no compile (the `regex` module would allocate gigabytes)."""
+    (tmp_path / "a.py").write_text("a\n")
+    out = tools.execute(tmp_path, "grep", {"pattern": pattern})
+    assert out.startswith("error:") and ("repeats more than" in out or "longer than" in out)
+
+
+def test_os_errors_come_back_as_tool_errors(tmp_path: Path):
+    """Asserts: a path component over 255 bytes and a symlink loop give `error:` text."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert tools.execute(tmp_path, "read_file", {"path": "x" * 300}).startswith("error:")
+    assert tools.execute(tmp_path, "grep", {"pattern": "x", "path": "x" * 300}).startswith("error:")
+    assert tools.execute(tmp_path, "read_file", {"path": "loop"}).startswith("error:")
+    assert tools.execute(tmp_path, "grep", {"pattern": "x", "path": "loop/x"}).startswith("error:")
+
+
+def test_fuzzed_calls_never_raise_and_never_read_outside_the_root(tmp_path: Path):
+    """Asserts: 3,000 random and adversarial calls (paths, patterns, line numbers, types) all
+    return text, and no result shows the marker planted outside the root."""
+    import random
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text("OUTSIDE_MARKER = 1\n")
+    root = tmp_path / "root"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("def f():\n    return 1\n" * 20)
+    (root / "link").symlink_to(outside)
+    (root / "pkg" / "s.py").symlink_to(outside / "secret.py")
+    rng = random.Random(0)
+    paths = ["", ".", "..", "../outside/secret.py", "/etc/passwd", "link/secret.py", "pkg/s.py",
+             "pkg/a.py", "pkg/../../outside", "x" * 300, "\0", "pkg\0a.py", "~", "pkg/", 5, None,
+             ["a"], "pkg/a.py/..", "link", "//", "pkg/./a.py"]
+    pats = ["(", "a{1,}" * 50, "(?:(?:a{99}){99}){99}", "(a+)+$", "OUTSIDE", ".*", "\\", "[",
+            "(?P<x>a)(?P=x)", "\\p{L}", "(?-m)^def", 3, None, "x" * 2000]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            args = {"pattern": rng.choice(pats), "path": rng.choice(paths)}
+            if rng.random() < 0.3:
+                args["glob"] = rng.choice(["*.py", "**", "[", 3, ""])
+            name = "grep"
+        else:
+            args = {"path": rng.choice(paths)}
+            for k in ("start_line", "end_line"):
+                if rng.random() < 0.5:
+                    args[k] = rng.choice([0, 1, -1, 2**64, "3", 1.5, True, None, 10**9])
+            name = "read_file"
+        out = tools.execute(root, name, args)
+        assert isinstance(out, str) and "OUTSIDE_MARKER" not in out, (name, args, out[:200])
