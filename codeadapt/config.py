@@ -43,7 +43,34 @@ class SourceSpec(Strict):
         need = {"git": "url", "installed": "dist", "path": "path"}[self.kind]
         if not getattr(self, need):
             raise ValueError(f"kind {self.kind!r} needs '{need}'")
+        if self.kind == "git":
+            check_ref(self.ref)
+            check_url(self.url or "")
         return self
+
+
+# A branch, tag, `HEAD` or SHA as a person writes one; nothing git could read as an option.
+_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+@-]{0,254}")
+_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://", "git@")
+
+
+def check_ref(ref: str) -> str:
+    """A git ref from config: no leading '-', whitespace, control characters, '..' or '@{'."""
+    if not _REF.fullmatch(ref) or ".." in ref or "@{" in ref or ref.endswith((".", "/", ".lock")):
+        raise ValueError(f"ref {ref!r} is not a branch, tag or commit name")
+    return ref
+
+
+def check_url(url: str) -> str:
+    """A git URL from config: a known transport or a local path; never an option, never `ext::`
+    (which runs a command) or another remote helper."""
+    if url.startswith("-") or any(ord(c) < 32 for c in url):
+        raise ValueError(f"url {url!r} is not a repository URL")
+    if "::" in url.split("/")[0] or (":" in url.split("/")[0] and not url.startswith(_URL_SCHEMES)
+                                     and not re.fullmatch(r"[\w.-]+@[\w.-]+:.*", url)
+                                     and not re.fullmatch(r"[A-Za-z]:\\.*", url)):
+        raise ValueError(f"url {url!r}: only https, http, ssh, git, file URLs and paths are fetched")
+    return url
 
 
 class Budget(Strict):

@@ -14,14 +14,24 @@ from pathlib import Path, PurePosixPath
 
 import git
 
-from codeadapt.config import SourceSpec, check_name
+from codeadapt.config import SourceSpec, check_name, check_ref, check_url
 from codeadapt.records import Checkout
 
 SNAPSHOT_DATE = "2000-01-01T00:00:00+0000"
 SNAPSHOT_IDENTITY = {"name": "codeadapt", "email": "codeadapt@localhost"}
-# No hooks, no submodule recursion, no credential prompts: a clone must never run code or wait.
-SAFE_GIT_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "submodule.recurse=false"]
-GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "echo"}
+# No hooks, no submodule recursion, no filters (LFS included), no command-running transports,
+# no credential prompts, none of the user's or the system's git config: a fetch of an untrusted
+# repository must never run code, download more than asked, or wait for a person.
+SAFE_GIT_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "submodule.recurse=false",
+                   "-c", "protocol.allow=never", *(x for p in ("https", "http", "ssh", "git", "file")
+                                                    for x in ("-c", f"protocol.{p}.allow=always")),
+                   "-c", "core.fsmonitor=false", "-c", "filter.lfs.smudge=", "-c",
+                   "filter.lfs.process=", "-c", "filter.lfs.required=false",
+                   "-c", "core.symlinks=true", "-c", "uploadpack.packObjectsHook="]
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "echo", "SSH_ASKPASS": "echo",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_LFS_SKIP_SMUDGE": "1",
+           "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=30"}
+GIT_TIMEOUT_S = 600  # a network fetch; local commands finish far sooner
 
 
 class SourceError(ValueError):
@@ -58,11 +68,19 @@ def sync_source(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path
 
 
 def _git(repo: git.Repo, *args: str) -> str:
-    return repo.git.execute(["git", *SAFE_GIT_CONFIG, *args], env=GIT_ENV)
+    return repo.git.execute(["git", *SAFE_GIT_CONFIG, *args], env=GIT_ENV,
+                            kill_after_timeout=GIT_TIMEOUT_S)
 
 
 def _sync_git(name: str, url: str, ref: str, dest: Path) -> str:
     """Shallow-fetch `ref` from `url`; check out again only when it moved."""
+    try:
+        check_ref(ref)
+        check_url(url)
+    except ValueError as exc:
+        raise SourceError(f"source {name!r}: {exc}") from None
+    if dest.is_symlink():
+        raise SourceError(f"source {name!r}: {dest} is a symlink; refusing to write through it")
     if dest.exists() and not (dest / ".git").is_dir():
         raise SourceError(f"source {name!r}: {dest} exists and is not a Git repository")
     repo = git.Repo(dest) if dest.exists() else git.Repo.init(dest)
@@ -79,19 +97,21 @@ def _sync_git(name: str, url: str, ref: str, dest: Path) -> str:
     if not heads.strip():
         raise SourceError(f"source {name!r}: repository {url} is empty (no commits)")
     try:
-        _git(repo, "fetch", "--depth=1", "--no-tags", "--no-recurse-submodules", "origin", ref)
+        _git(repo, "fetch", "--depth=1", "--no-tags", "--no-recurse-submodules", "--end-of-options",
+             "origin", ref)
     except git.GitCommandError:
         # Servers that refuse a shallow fetch by SHA (plain local repos) still serve everything.
         try:
-            _git(repo, "fetch", "--no-recurse-submodules", "--tags", "origin")
-            sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+            _git(repo, "fetch", "--no-recurse-submodules", "--tags", "--end-of-options", "origin")
+            sha = _git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options",
+                       f"{ref}^{{commit}}")
         except git.GitCommandError:
             raise SourceError(f"source {name!r}: ref {ref!r} not found in {url}") from None
     else:
         sha = _git(repo, "rev-parse", "FETCH_HEAD^{commit}")
     current = repo.head.commit.hexsha if repo.head.is_valid() else None
     if current != sha:
-        _git(repo, "checkout", "--force", "--detach", sha)
+        _git(repo, "checkout", "--force", "--detach", sha)  # sha: 40 hex digits from rev-parse
         _git(repo, "clean", "-fdx")
     return sha
 

@@ -94,3 +94,55 @@ def test_missing_distribution_and_directory(tmp_path: Path):
         sync_source("nope", SourceSpec(kind="installed", dist="no-such-dist-xyz", group="g"), tmp_path, tmp_path)
     with pytest.raises(SourceError, match="does not exist"):
         sync_source("d", SourceSpec(kind="path", path="missing-dir", group="g"), tmp_path / "r", tmp_path)
+
+
+@pytest.mark.parametrize("ref", ["--upload-pack=touch PWNED; git-upload-pack", "-c", "a b",
+                                 "main..other", "x@{1}", "ref\nnewline", "", "refs/heads/x.lock"])
+def test_a_ref_that_git_could_read_as_an_option_is_refused(tmp_path: Path, ref: str):
+    """Asserts: hostile refs fail config validation naming the ref, and the sync itself refuses
+    them too (a SourceError), with no command run: the file the injection would touch is absent."""
+    up = tmp_path / "up"
+    make_repo(up, {"a.py": "x = 1\n"})
+    with pytest.raises(ValueError, match="ref"):
+        spec(str(up), ref)
+    from codeadapt import sources
+
+    with pytest.raises(SourceError, match="is not a branch, tag or commit"):
+        sources._sync_git("up", str(up), ref, tmp_path / "repos" / "up")
+    assert not list(tmp_path.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
+
+
+@pytest.mark.parametrize("url", ["ext::sh -c touch% PWNED", "--upload-pack=touch PWNED", "fd::17",
+                                 "transport::x"])
+def test_command_running_transports_are_refused(tmp_path: Path, url: str):
+    with pytest.raises(ValueError, match="url"):
+        spec(url, "main")
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_sync_never_writes_through_a_symlinked_destination(tmp_path: Path):
+    """Asserts: data/repos/<name> being a symlink (to a directory holding a file) is refused and
+    the target's file survives."""
+    up = tmp_path / "up"
+    make_repo(up, {"a.py": "x = 1\n"})
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    repos = tmp_path / "repos"
+    repos.mkdir()
+    (repos / "up").symlink_to(victim)
+    with pytest.raises(SourceError, match="symlink"):
+        sync_source("up", spec(str(up), "main"), repos, tmp_path)
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_the_users_git_config_does_not_apply(tmp_path: Path, monkeypatch):
+    """Asserts: a global git config that would rewrite every URL to a missing host is ignored."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text('[url "/nonexistent/"]\n\tinsteadOf = /\n')
+    monkeypatch.setenv("HOME", str(home))
+    up = tmp_path / "up"
+    make_repo(up, {"a.py": "x = 1\n"})
+    co = sync_source("up", spec(str(up), "main"), tmp_path / "repos", tmp_path)
+    assert (Path(co.path) / "a.py").is_file()
