@@ -33,11 +33,11 @@ def system(repo: str) -> dict[str, Any]:
 
 
 def user(text: str) -> dict[str, Any]:
-    return {"role": "user", "content": text}
+    return {"role": "user", "content": tools_mod.escape_specials(text)}
 
 
 def assistant(text: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": tools_mod.escape_specials(text)}
 
 
 def tool_call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +54,8 @@ def tool_call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, A
 
 
 def tool_result(call_id: str, name: str, content: str) -> dict[str, Any]:
-    return {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
+    return {"role": "tool", "tool_call_id": call_id, "name": name,
+            "content": tools_mod.escape_specials(content)}
 
 
 def tool_schemas() -> tuple[dict[str, Any], ...]:

@@ -309,8 +309,23 @@ def read_file(
     return "\n".join(f"{n}: {lines[n - 1]}" for n in range(first, last + 1))
 
 
+_SPECIAL = re.compile(r"<\|([A-Za-z0-9_]+)\|>")
+
+
+def escape_specials(text: str) -> str:
+    """Repository text never carries a control token: `<|im_start|>` becomes `<\u200c|im_start|>`
+    (a zero-width non-joiner after the `<`), which reads the same and tokenizes as plain text.
+    Applied to every tool result and to every message built from repository text."""
+    return _SPECIAL.sub(lambda m: f"<\u200c|{m[1]}|>", text)
+
+
 def execute(root: str | os.PathLike[str], name: str, arguments: dict[str, Any] | str) -> str:
-    """Run one tool call as the model wrote it; refusals come back as `error: ...` text."""
+    """Run one tool call as the model wrote it; refusals come back as `error: ...` text.
+    Results have control-token look-alikes escaped (`escape_specials`)."""
+    return escape_specials(_execute(root, name, arguments))
+
+
+def _execute(root: str | os.PathLike[str], name: str, arguments: dict[str, Any] | str) -> str:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
