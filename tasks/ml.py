@@ -30,12 +30,31 @@ def ensure_gpu_limit(slots: int = 1) -> None:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
+    import os
+
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            gcl = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            return
+        if gcl.active_slots and not os.environ.get("PREFECT_API_URL"):
+            # A temporary server (no PREFECT_API_URL) runs no lease-expiry service: a slot a
+            # killed run held stays taken in ~/.prefect's database and every later run would
+            # wait on it forever. This process started that server, so no run of it holds one.
+            log_ = get_run_logger() if _in_run() else None
+            msg = f"freeing {gcl.active_slots} '{GPU_LIMIT}' slot(s) left by a killed run"
+            log_.warning(msg) if log_ else print(msg)
+            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def _key(text: str) -> str:
