@@ -26,13 +26,14 @@ GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never shar
 
 def ensure_gpu_limit(slots: int = 1) -> None:
     """Create the `gpu` global concurrency limit if missing (an existing one is left as set)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
-
     import os
 
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
@@ -153,11 +154,24 @@ def eval_key(payload: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[str, Any]:
+    """Run a worker job holding the `gpu` slot; store its result at `cached` (write, then
+    rename, so a reader never sees half of it)."""
+    from codeadapt.worker import run_in_worker
+
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        result = run_in_worker(kind, payload)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(cached)
+    return result
+
+
 @task(task_run_name="evaluate[{label}]")
 def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
              spec: EvalSpec, fixed_set: Path | None, cache_dir: Path) -> dict[str, Any]:
     """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker."""
-    from codeadapt.worker import run_in_worker
 
     payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
                "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
@@ -172,12 +186,7 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
         prompts = collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources,
                                   fixed_set, spec.max_conversations)
         return rescore(json.loads(cached.read_text()), prompts, spec)
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
-        result = run_in_worker("eval", payload)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(cached)
+    result = _in_slot_stored("eval", payload, cached)
     m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
     get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
                           label, 100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"],
@@ -191,7 +200,6 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
                      held_out_dir: Path | None = None) -> dict[str, Any] | None:
     """Agentic task success of one model (+ adapter), or of the rules (`model_dir` "rules"),
     on the same sampled tasks; stored like `evaluate` (not repeated for the same inputs)."""
-    from codeadapt.worker import run_in_worker
 
     if agentic.tasks == 0:
         return None
@@ -213,12 +221,7 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
 
         result = agentic_job(payload)
     else:
-        with concurrency(GPU_LIMIT, occupy=1, strict=True):
-            result = run_in_worker("agentic", payload)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(cached)
+        result = _in_slot_stored("agentic", payload, cached)
     a = result["summary"]["all"]
     get_run_logger().info("%s: agentic task success %.1f%% [%.1f, %.1f] on %d tasks, %.2f calls/task",
                           label, 100 * a["success"], 100 * a["lo"], 100 * a["hi"], a["n"],
