@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +47,9 @@ def ensure_gpu_limit(slots: int = 1) -> None:
             # A temporary server (no PREFECT_API_URL) runs no lease-expiry service: a slot a
             # killed run held stays taken in ~/.prefect's database and every later run would
             # wait on it forever. This process started that server, so no run of it holds one.
-            log_ = get_run_logger() if _in_run() else None
-            msg = f"freeing {gcl.active_slots} '{GPU_LIMIT}' slot(s) left by a killed run"
-            log_.warning(msg) if log_ else print(msg)
+            logging.getLogger(__name__).warning(
+                "freeing %d '%s' slot(s) left by a killed run", gcl.active_slots, GPU_LIMIT)
             client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
-
-
-def _in_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def _key(text: str) -> str:
