@@ -97,6 +97,9 @@ class SplitSpec(Strict):
     valid: float = Field(0.1, ge=0, lt=0.5)
     test: float = Field(0.1, ge=0, lt=0.5)
     salt: str = Field("codeadapt-split-v1", description="change only to reshuffle every split")
+    by_symbol: list[str] = Field(default_factory=list, description=(
+        "groups whose sources are split by top-level definition, not by file (small repositories "
+        "where a few files hold most definitions)"))
 
 
 class LimitSpec(Strict):
@@ -291,6 +294,9 @@ class Settings(Strict):
         for sname, src in self.active_sources().items():
             if src.group not in self.groups:
                 raise ValueError(f"sources.{sname}.group: unknown group {src.group!r}")
+        for g in self.split.by_symbol:
+            if g not in self.groups:
+                raise ValueError(f"split.by_symbol: unknown group {g!r}")
         self.held_out_sources()  # checks eval.held_out_phase
         return self
 

@@ -1,7 +1,10 @@
 """Merge per-source examples into a phase dataset: redact, replay, dedup, split, write.
 
-The split is a pure function of (salt, source, path), so an example keeps its split when a
-later phase adds data, and every example drawn from one file lands in one split.
+The split is a pure function of (salt, source, group), so an example keeps its split when a
+later phase adds data. The group is the example's file, so every example drawn from one file
+lands in one split; a source of a group listed in `split.by_symbol` (a small repository, where
+a few files hold most definitions) is split by top-level definition instead, so that each split
+gets its share and all examples about one definition still share a split.
 """
 
 from __future__ import annotations
@@ -26,11 +29,45 @@ DATASET_VERSION = "2"
 SPLITS = ("train", "valid", "test")
 
 
-def split_of(source: str, path: str, valid: float, test: float, salt: str) -> str:
-    """Stable split for a (source, path) group."""
-    h = hashlib.sha256(f"{salt}\0{source}\0{path}".encode()).digest()
+def split_of(source: str, group: str, valid: float, test: float, salt: str) -> str:
+    """Stable split for a (source, group) pair; the group is a path or `path:line`."""
+    h = hashlib.sha256(f"{salt}\0{source}\0{group}".encode()).digest()
     x = int.from_bytes(h[:8], "big") / 2**64
     return "test" if x < test else "valid" if x < test + valid else "train"
+
+
+_TOP_DEF = re.compile(r"(?:async\s+def|def|class)\b|@")
+
+
+def definition_anchor(lines: list[str], line: int) -> int:
+    """First line (decorators included) of the top-level definition that holds 1-based `line`
+    (a method's class, a function's decorators); 1 for module code above the first one."""
+    i = min(max(line, 1), max(len(lines), 1)) - 1
+    while i > 0 and not _TOP_DEF.match(lines[i]):
+        i -= 1
+    while i > 0 and lines[i - 1].startswith("@"):
+        i -= 1
+    return i + 1
+
+
+class SplitGroups:
+    """The split group of an example: its path, or `path:anchor` for a source split by symbol.
+    File text is read once per (root, path)."""
+
+    def __init__(self) -> None:
+        self._lines: dict[tuple[str, str], list[str]] = {}
+
+    def __call__(self, root: Path | str, path: str, line: int, by_symbol: bool) -> str:
+        if not by_symbol:
+            return path
+        key = (str(root), path)
+        if key not in self._lines:
+            try:
+                text = (Path(root) / path).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            self._lines[key] = text.splitlines()
+        return f"{path}:{definition_anchor(self._lines[key], line)}"
 
 
 def _norm(obj: Any) -> Any:
@@ -114,10 +151,14 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
     kept = dedup(prepare(examples, checkouts, stats), stats)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     entries = []
+    group_of = SplitGroups()
+    by_symbol = set(split_cfg.get("by_symbol", ()))
     for ex_id, ex in kept:
-        split = split_of(ex.source, ex.path, split_cfg["valid"], split_cfg["test"], split_cfg["salt"])
+        co = checkouts[ex.source]
+        group = group_of(co.path, ex.path, ex.start_line, co.group in by_symbol)
+        split = split_of(ex.source, group, split_cfg["valid"], split_cfg["test"], split_cfg["salt"])
         rows[split].append(ex.record())
-        entries.append({"id": ex_id, "split": split, "source": ex.source, "commit": ex.commit,
+        entries.append({"id": ex_id, "split": split, "group": group, "source": ex.source, "commit": ex.commit,
                         "path": ex.path, "start_line": ex.start_line, "end_line": ex.end_line,
                         "kind": ex.kind, "generator_version": ex.generator_version})
     counts = {
@@ -226,6 +267,11 @@ def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _no_test_line(c: dict[str, Any]) -> str:
+    missing = [s for s, v in c["source_split"].items() if not v.get("test") and sum(v.values()) >= 20]
+    return f"\n- **No test examples** from: {', '.join(missing)} (declare their group in `split.by_symbol`)." if missing else ""
+
+
 def data_card(m: dict[str, Any]) -> str:
     """The dataset's README: what is in it, where it came from, how it was split."""
     c = m["counts"]
@@ -248,9 +294,12 @@ objects) for fine-tuning a local coding assistant with mlx-lm. Built by codeadap
 - Examples: {c['total']} (train {c['split'].get('train', 0)}, valid {c['split'].get('valid', 0)}, test {c['split'].get('test', 0)})
 - Every tool result was produced by running codeadapt's `grep`/`read_file` on the source's
   checkout at the pinned commit below, and replayed identically before writing.
-- Split: by a hash of (salt `{m['split']['salt']}`, source, path), valid {m['split']['valid']},
-  test {m['split']['test']}: all examples about one file share a split, and a later phase never
-  moves an example. Keep `test` for evaluation.
+- Split: by a hash of (salt `{m['split']['salt']}`, source, group), valid {m['split']['valid']},
+  test {m['split']['test']}. The group is the file, so all examples about one file share a
+  split; sources of the groups {m['split'].get('by_symbol', [])} (small repositories) are split
+  by top-level definition instead (a file may then span splits, a definition never does).
+  Hand-written examples join the group of the definition they are about. A later phase never
+  moves an example. Keep `test` for evaluation.{_no_test_line(c)}
 - Dedup: exact, on the conversation with whitespace and case folded (first occurrence kept,
   earlier phases first).
 - Secrets: detect-secrets' credential detectors; matches replaced with `<REDACTED-SECRET>`.

@@ -16,10 +16,11 @@ import re
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeadapt import chat, tools, wordings
+from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
 GENERATOR_VERSION = "4"
@@ -37,6 +38,7 @@ class Limits:
     # The dataset's split (valid, test, salt): a test example gets a wording no train example
     # uses (`wordings.pick`), so the test measures phrasings never trained on. None: any wording.
     split: tuple[float, float, str] | None = None
+    by_symbol: bool = False  # this source is split by top-level definition (`split.by_symbol`)
 
 
 @dataclass(slots=True)
@@ -50,17 +52,17 @@ class Ctx:
     limits: Limits
     seed: str
     stats: Counter[str]
+    groups: SplitGroups = field(default_factory=SplitGroups)
 
     def rng(self, *key: object) -> random.Random:
         return random.Random(":".join(map(str, (self.seed, self.source, *key))))
 
-    def question(self, kind: str, name: str, path: str) -> str:
+    def question(self, kind: str, name: str, path: str, line: int) -> str:
         test = False
         if self.limits.split is not None:
-            from codeadapt.dataset import split_of
-
             valid, test_share, salt = self.limits.split
-            test = split_of(self.source, path, valid, test_share, salt) == "test"
+            group = self.groups(self.root, path, line, self.limits.by_symbol)
+            test = split_of(self.source, group, valid, test_share, salt) == "test"
         return wordings.pick(kind, self.rng(kind, name, "phrase"), test=test, name=name,
                              repo=self.source)
 
@@ -110,7 +112,7 @@ def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[
     if not expect <= {(p, n) for p, n, _ in hits}:
         ctx.stats["dropped_grep_disagrees_with_parse"] += 1
         return None
-    msgs = [chat.user(ctx.question(kind, name, prov[0])), chat.tool_call("call_1", "grep", args),
+    msgs = [chat.user(ctx.question(kind, name, prov[0], prov[1])), chat.tool_call("call_1", "grep", args),
             chat.tool_result("call_1", "grep", result), chat.assistant(answer(hits))]
     return ctx.example(msgs, kind, *prov)
 
@@ -259,7 +261,7 @@ def _read_trajectory(ctx: Ctx, kind: str, s: Symbol) -> tuple[list[dict], str] |
     if rres.startswith("error:") or not shown or (shown[0], shown[-1]) != (s.start_line, s.end_line):
         ctx.stats["dropped_read_disagrees_with_parse"] += 1
         return None
-    msgs = [chat.user(ctx.question(kind, s.qualname, s.path)), chat.tool_call("call_1", "grep", gargs),
+    msgs = [chat.user(ctx.question(kind, s.qualname, s.path, s.start_line)), chat.tool_call("call_1", "grep", gargs),
             chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
             chat.tool_result("call_2", "read_file", rres)]
     return msgs, rres

@@ -7,6 +7,7 @@ every per-source task, so one run does each repo's work once.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
     py = [c for c in checkouts.values() if c.generator == "python"]
     html = [c for c in checkouts.values() if c.generator == "html"]
     extractions = t.extract_repo.map(py, unmapped(settings.limits.max_file_bytes))
+    by_symbol = set(settings.split.by_symbol)
     py_futs = t.make_examples.map(py, extractions, [quotas[c.name] for c in py],
-                                  unmapped(limits), unmapped(seed))
+                                  [replace(limits, by_symbol=c.group in by_symbol) for c in py],
+                                  unmapped(seed))
     html_futs = t.html_examples.map(html, unmapped(seed))
     hand_paths = {rel: f for p in phases for rel, f in plan.handwritten_files(settings, p).items()}
     hand_futs = {rel: t.load_handwritten.submit(f) for rel, f in hand_paths.items()}

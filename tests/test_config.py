@@ -28,6 +28,7 @@ def test_github_profile_uses_git_urls():
     ("limits.max_file_bytes='big'", "limits.max_file_bytes"),
     ("groups.popular.budget.colour=1", "groups.popular.budget.colour"),
     ("split.test=0.9", "split.test"),
+    ("split.by_symbol=['nogroup']", "split.by_symbol"),
     ("unknown=1", "unknown"),
 ])
 def test_bad_config_names_key_path(override, key):

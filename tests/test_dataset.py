@@ -146,3 +146,37 @@ def test_without_sources_drops_held_out_sources_from_training_only(tmp_path: Pat
         n = len((out / f"{split}.jsonl").read_text().splitlines())
         assert n == sum(e["split"] == split for e in m["examples"]) > 0
         assert '"held' not in (out / f"{split}.jsonl").read_text()
+
+
+def test_definition_anchor_is_the_top_level_definition_with_its_decorators():
+    from codeadapt.dataset import definition_anchor
+
+    lines = ["import x", "", "@dec", "@dec2(1)", "class A:", "    def m(self):", "        return 1",
+             "", "async def f():", "    pass", "y = 1"]
+    assert [definition_anchor(lines, n) for n in range(1, 12)] == [1, 1, 3, 3, 3, 3, 3, 3, 9, 9, 9]
+    assert definition_anchor([], 5) == 1 and definition_anchor(lines, 99) == 9
+
+
+def test_a_small_source_split_by_symbol_gets_test_examples_and_keeps_definitions_whole(tmp_path: Path):
+    # Two files, thirty classes each: by file, a source this small puts everything in at most
+    # two splits; split by definition, every split gets its share and a definition stays whole.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in ("a", "b"):
+        (repo / f"{f}.py").write_text("".join(f"class {f.upper()}{i}:\n    x = 1\n\n" for i in range(30)))
+    exs = []
+    for f in ("a", "b"):
+        for i in range(30):
+            for pat in (f"class {f.upper()}{i}\\b", f"{f.upper()}{i}:"):
+                ex = grep_example(repo, pat, f"{f}.py")
+                exs.append(Example(*[getattr(ex, k) for k in ("messages", "tools", "source", "commit", "path")],
+                                   3 * i + 1 + (pat.endswith(":") and 1), 3 * i + 2, "grep_class", "1"))
+    by_file = build_dataset("p", exs, {"src": checkout(repo)}, tmp_path / "f", SPLIT, {"sources": {}}, {})
+    assert len(set(by_file["counts"]["split"])) <= 2
+    cfg = {**SPLIT, "by_symbol": ["g"]}
+    m = build_dataset("p", exs, {"src": checkout(repo)}, tmp_path / "s", cfg, {"sources": {}}, {})
+    assert all(m["counts"]["split"].get(s, 0) >= 5 for s in ("train", "valid", "test"))
+    groups: dict[str, str] = {}
+    for e in m["examples"]:
+        assert e["group"] == f"{e['path']}:{e['start_line'] - (e['start_line'] - 1) % 3}"
+        assert groups.setdefault(e["group"], e["split"]) == e["split"]
