@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,27 @@ def tool_calls_of(messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], 
     return pairs
 
 
+CUT_MARK = "[cut to fit the context: {n} more lines not shown]"
+_CUT_RE = re.compile(r"\[cut to fit the context: (\d+) more lines not shown\]")
+
+
+def cut_lines(lines: list[str], keep: int) -> str:
+    """The first `keep` lines of a tool result and a marker saying how many were cut."""
+    return "\n".join([*lines[:keep], CUT_MARK.format(n=len(lines) - keep)])
+
+
+def same_result(shown: Any, real: str) -> bool:
+    """`shown` is `real`, or `real` cut by `cut_lines` (its head and the right count)."""
+    if shown == real or not isinstance(shown, str):
+        return shown == real
+    head, _, mark = shown.rpartition("\n") if "\n" in shown else ("", "", shown)
+    m = _CUT_RE.fullmatch(mark)
+    if not m:
+        return False
+    lines, kept = real.splitlines(), head.splitlines() if head else []
+    return lines[: len(kept)] == kept and len(lines) - len(kept) == int(m[1]) > 0
+
+
 def replay_mismatches(messages: list[dict[str, Any]] | tuple[dict[str, Any], ...], root: Any,
                       clean: Callable[[str], str] = lambda text: text) -> list[int]:
     """Indices of tool messages whose content differs from `clean(rerun of their call)`."""
@@ -118,7 +140,7 @@ def replay_mismatches(messages: list[dict[str, Any]] | tuple[dict[str, Any], ...
         fn = call.get("function") or {}
         i = position[id(result)]
         answered.add(i)
-        if result.get("content") != clean(tools_mod.execute(root, fn.get("name", ""), fn.get("arguments", {}))):
+        if not same_result(result.get("content"), clean(tools_mod.execute(root, fn.get("name", ""), fn.get("arguments", {})))):
             bad.add(i)
     # A result that answers no call can never replay.
     bad.update(i for i, m in enumerate(messages) if m.get("role") == "tool" and i not in answered)

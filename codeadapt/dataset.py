@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from codeadapt import chat
+from codeadapt.budget import Budget, fit, length_stats, load_counter, samples
+from codeadapt.card import data_card, question_stats
 from codeadapt.fsutil import replace_dir
 from codeadapt.records import Checkout, Example
 from codeadapt.secrets import redact, redact_text
 
-DATASET_VERSION = "2"
+DATASET_VERSION = "3"
 SPLITS = ("train", "valid", "test")
 
 
@@ -136,31 +138,51 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def fit_budget(kept: list[tuple[str, Example]], budget: Budget | None,
+               stats: Counter[str]) -> tuple[list[tuple[str, Example, int | None]], Any]:
+    """Each example within the token budget (cut or dropped, counted), with its token count,
+    and the renderer the card shows examples with; counts are None without a budget."""
+    if budget is None:
+        return [(k, ex, None) for k, ex in kept], None
+    count, render = load_counter(budget.tokenizer_dir)
+    out = []
+    for key, ex in kept:
+        fitted, n, how = fit(ex, count, budget.max_tokens)
+        if how != "fits":
+            stats[f"{how}[{ex.kind}]" if fitted is None else "cut_to_token_budget"] += 1
+        if fitted is not None:
+            out.append((key, fitted, n))
+    return out, render
+
+
 def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Checkout],
                   out_dir: Path, split_cfg: dict[str, Any], inputs: dict[str, Any],
-                  upstream_stats: dict[str, dict[str, int]]) -> dict[str, Any]:
+                  upstream_stats: dict[str, dict[str, int]], budget: Budget | None = None) -> dict[str, Any]:
     """Write `out_dir/{train,valid,test}.jsonl`, `manifest.json`, `README.md`; return manifest.
 
-    Nothing is rewritten when the existing dataset was built from the same inputs and its
-    files are intact (`manifest["rebuilt"]` says which happened)."""
+    With a `budget`, examples are fitted to the training `max_seq_length` in the target
+    model's tokens here (never dropped silently by the trainer). Nothing is rewritten when the
+    existing dataset was built from the same inputs and its files are intact
+    (`manifest["rebuilt"]` says which happened)."""
+    inputs = {**inputs, "token_budget": budget.key() if budget else None}
     current = up_to_date(out_dir, inputs, split_cfg)
     if current is not None:
         return {**current, "rebuilt": False}
     stats: Counter[str] = Counter()
     stats["input_examples"] = len(examples)
-    kept = dedup(prepare(examples, checkouts, stats), stats)
+    kept, render = fit_budget(dedup(prepare(examples, checkouts, stats), stats), budget, stats)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     entries = []
     group_of = SplitGroups()
     by_symbol = set(split_cfg.get("by_symbol", ()))
-    for ex_id, ex in kept:
+    for ex_id, ex, n_tokens in kept:
         co = checkouts[ex.source]
         group = group_of(co.path, ex.path, ex.start_line, co.group in by_symbol)
         split = split_of(ex.source, group, split_cfg["valid"], split_cfg["test"], split_cfg["salt"])
         rows[split].append(ex.record())
         entries.append({"id": ex_id, "split": split, "group": group, "source": ex.source, "commit": ex.commit,
                         "path": ex.path, "start_line": ex.start_line, "end_line": ex.end_line,
-                        "kind": ex.kind, "generator_version": ex.generator_version})
+                        "kind": ex.kind, "generator_version": ex.generator_version, "tokens": n_tokens})
     counts = {
         "total": len(entries),
         "split": dict(Counter(e["split"] for e in entries)),
@@ -168,7 +190,9 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
         "source": dict(sorted(Counter(e["source"] for e in entries).items())),
         "source_split": {s: dict(Counter(e["split"] for e in entries if e["source"] == s))
                          for s in sorted({e["source"] for e in entries})},
-        **question_stats([(e, ex) for e, (_, ex) in zip(entries, kept)]),
+        **question_stats([(e, ex) for e, (_, ex, _) in zip(entries, kept)]),
+        "tokens": {s: length_stats([e["tokens"] for e in entries if e["split"] == s and e["tokens"]])
+                   for s in SPLITS} if budget else None,
     }
     manifest: dict[str, Any] = {
         "phase": phase,
@@ -179,44 +203,13 @@ def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Chec
         "stats": {"build": dict(sorted(stats.items())), **upstream_stats},
         "examples": entries,
     }
-    write_atomically(out_dir, rows, manifest)
+    picks = samples([(e["kind"], ex) for e, (_, ex, _) in zip(entries, kept) if e["split"] == "train"],
+                    3, split_cfg["salt"])
+    shown = {k: [render(ex.messages, ex.tools) if render else
+                 json.dumps(list(ex.messages), indent=1, ensure_ascii=False) for ex in v]
+             for k, v in picks.items()}
+    write_atomically(out_dir, rows, manifest, shown)
     return {**json.loads((out_dir / "manifest.json").read_text()), "rebuilt": True}
-
-
-_TICKED = re.compile(r"`[^`]+`")
-_PATHLIKE = re.compile(r"[\w.-]+(?:/[\w.-]+)+|\b[\w-]+\.(?:py|html?)\b")
-
-
-def question_form(question: str, source: str) -> str:
-    """A question with its names, paths and repository taken out: what is left is its wording."""
-    q = _TICKED.sub("X", question.split("\n\n")[0])
-    q = _PATHLIKE.sub("P", q).replace(source, "R")
-    q = re.sub(r"\b[A-Za-z_]\w*(?:\(\))", "X", q)  # name() in a terse question
-    return " ".join(re.findall(r"\w+", q.lower()))
-
-
-def question_stats(pairs: list[tuple[dict[str, Any], Example]]) -> dict[str, Any]:
-    """Distinct question forms per split, and per kind: count, forms, mean calls, mean length."""
-    forms: dict[str, set[str]] = {}
-    kinds: dict[str, dict[str, Any]] = {}
-    for e, ex in pairs:
-        q = next((m["content"] for m in ex.messages if m["role"] == "user"), "")
-        f = question_form(q, ex.source)
-        forms.setdefault(e["split"], set()).add(f)
-        k = kinds.setdefault(e["kind"], {"count": 0, "forms": set(), "calls": 0, "chars": 0})
-        k["count"] += 1
-        k["forms"].add(f)
-        k["calls"] += sum(len(m.get("tool_calls") or []) for m in ex.messages)
-        k["chars"] += sum(len(str(m.get("content") or "")) for m in ex.messages)
-    train = forms.get("train", set())
-    return {
-        "question_forms": {s: len(v) for s, v in sorted(forms.items())},
-        "test_forms_not_in_train": len(forms.get("test", set()) - train),
-        "kind_detail": {k: {"count": v["count"], "forms": len(v["forms"]),
-                            "mean_calls": round(v["calls"] / v["count"], 2),
-                            "mean_chars": round(v["chars"] / v["count"])}
-                        for k, v in sorted(kinds.items())},
-    }
 
 
 def up_to_date(out_dir: Path, inputs: dict[str, Any], split_cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -244,7 +237,8 @@ def inputs_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manifest: dict[str, Any]) -> None:
+def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
+                     shown: dict[str, list[str]] | None = None) -> None:
     """Write everything into a temp dir beside `out_dir`, then swap it in."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -253,81 +247,12 @@ def write_atomically(out_dir: Path, rows: dict[str, list[dict[str, Any]]], manif
             _write_jsonl(tmp / f"{split}.jsonl", rows[split])
         manifest["outputs"] = {f"{s}.jsonl": _sha256(tmp / f"{s}.jsonl") for s in SPLITS}
         manifest["inputs_hash"] = inputs_hash(manifest)
-        (tmp / "README.md").write_text(data_card(manifest), encoding="utf-8")
+        (tmp / "README.md").write_text(data_card(manifest, shown or {}), encoding="utf-8")
         manifest["outputs"]["README.md"] = _sha256(tmp / "README.md")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _no_test_line(c: dict[str, Any]) -> str:
-    missing = [s for s, v in c["source_split"].items() if not v.get("test") and sum(v.values()) >= 20]
-    return f"\n- **No test examples** from: {', '.join(missing)} (declare their group in `split.by_symbol`)." if missing else ""
-
-
-def data_card(m: dict[str, Any]) -> str:
-    """The dataset's README: what is in it, where it came from, how it was split."""
-    c = m["counts"]
-    src_rows = []
-    for name, info in sorted(m["inputs"].get("sources", {}).items()):
-        ss = c["source_split"].get(name, {})
-        src_rows.append((name, info.get("origin", ""), f"`{info.get('commit', '')[:12]}`",
-                         *(ss.get(s, 0) for s in SPLITS)))
-    drops: Counter[str] = Counter()
-    for st in m["stats"].values():
-        for k, v in st.items():
-            if v and any(w in k for w in ("dropped_", "short_", "syntax_errors")):
-                drops[k] += v
-    return f"""# Dataset card: {m['phase']}
-
-Tool-use chat examples (`messages` + `tools`, OpenAI/HF convention, tool-call arguments as JSON
-objects) for fine-tuning a local coding assistant with mlx-lm. Built by codeadapt
-(dataset version {m['dataset_version']}).
-
-- Examples: {c['total']} (train {c['split'].get('train', 0)}, valid {c['split'].get('valid', 0)}, test {c['split'].get('test', 0)})
-- Every tool result was produced by running codeadapt's `grep`/`read_file` on the source's
-  checkout at the pinned commit below, and replayed identically before writing.
-- Split: by a hash of (salt `{m['split']['salt']}`, source, group), valid {m['split']['valid']},
-  test {m['split']['test']}. The group is the file, so all examples about one file share a
-  split; sources of the groups {m['split'].get('by_symbol', [])} (small repositories) are split
-  by top-level definition instead (a file may then span splits, a definition never does).
-  Hand-written examples join the group of the definition they are about. A later phase never
-  moves an example. Keep `test` for evaluation.{_no_test_line(c)}
-- Dedup: exact, on the conversation with whitespace and case folded (first occurrence kept,
-  earlier phases first).
-- Secrets: detect-secrets' credential detectors; matches replaced with `<REDACTED-SECRET>`.
-- Inputs hash: `{m.get('inputs_hash', '')}`
-
-## Sources
-
-{_table(('source', 'origin', 'commit', *SPLITS), src_rows)}
-
-## Kinds
-
-Distinct question forms (names, paths and the repository taken out): {c.get('question_forms', {})};
-{c.get('test_forms_not_in_train', 0)} test forms never appear in train (each kind keeps its last
-wordings for test examples).
-
-{_table(('kind', 'examples', 'question forms', 'mean calls', 'mean characters'),
-        ((k, d['count'], d['forms'], d['mean_calls'], d['mean_chars'])
-         for k, d in c.get('kind_detail', {}).items()))}
-
-## Dropped or short (by reason)
-
-{_table(('reason', 'count'), sorted(drops.items())) if drops else 'Nothing dropped.'}
-
-## Files
-
-`train.jsonl`, `valid.jsonl`, `test.jsonl`; `manifest.json` has per-example provenance (id,
-source, commit, path, line span, kind, generator version, split), input SHAs and output hashes.
-"""
 
 
 def checkout_inputs(checkouts: dict[str, Checkout]) -> dict[str, Any]:

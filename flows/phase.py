@@ -16,6 +16,7 @@ from prefect.artifacts import create_table_artifact
 
 from codeadapt import changes, plan, report, train
 from codeadapt import examples as ex_mod
+from codeadapt.budget import Budget
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
 from codeadapt.dataset import without_sources
 from codeadapt.records import Checkout, Example, SyncFailure
@@ -23,8 +24,9 @@ from tasks import data as t
 from tasks import ml
 
 
-def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, Any]]:
-    """Run the data stages for `targets` and every phase they extend; return their manifests."""
+def build_data(settings: Settings, targets: list[str], budget: Budget | None = None) -> dict[str, dict[str, Any]]:
+    """Run the data stages for `targets` and every phase they extend; return their manifests.
+    With a `budget` (the base's tokenizer), examples are fitted to its max_seq_length."""
     log = get_run_logger()
     phases = [p for t in targets for p in settings.phase_chain(t)]
     phases = list(dict.fromkeys(phases))
@@ -85,7 +87,7 @@ def build_data(settings: Settings, targets: list[str]) -> dict[str, dict[str, An
         inputs = plan.phase_inputs(settings, p, checkouts, {n: f.error for n, f in failures.items()})
         manifests[p] = t.build_dataset.with_options(task_run_name=f"build_dataset[{p}]")(
             p, items, checkouts, data / p, settings.split.model_dump(), inputs,
-            {n: stats[n] for n in members if n in stats})
+            {n: stats[n] for n in members if n in stats}, budget)
         _counts_artifact(p, manifests[p])
     return manifests
 
@@ -129,11 +131,12 @@ def prepare_base(settings: Settings) -> Path:
                             settings.base.pretrain)
 
 
-def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict[str, Any]],
+                       base_dir: Path | None = None) -> dict[str, Any]:
     """LoRA per phase (serialised by the `gpu` slot) into a candidate, base and adapters scored
     on the same prompts, and a candidate promoted unless it is worse beyond the intervals."""
     ml.ensure_gpu_limit()
-    base_dir = prepare_base(settings)
+    base_dir = base_dir or prepare_base(settings)
     data = settings.resolve(settings.paths.data)
     repos = settings.resolve(settings.paths.repos)
     adapters = settings.resolve(settings.paths.adapters)
@@ -240,12 +243,15 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
         targets.append(settings.base.corpus_phase)
     if models and settings.eval.held_out_phase:
         targets.append(settings.eval.held_out_phase)
-    manifests = build_data(settings, targets)
+    # The base's tokenizer sets the data's token budget; the tiny base's is made from the data.
+    base_dir = prepare_base(settings) if settings.base_model() != "tiny" else None
+    budget = Budget(str(base_dir), settings.train.max_seq_length) if base_dir else None
+    manifests = build_data(settings, targets, budget)
     out: dict[str, Any] = {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
                                "failed_sources": m["inputs"]["failed_sources"]}
                            for p, m in manifests.items()}
     if models:
-        out["models"] = train_and_evaluate(settings, phase, manifests)
+        out["models"] = train_and_evaluate(settings, phase, manifests, base_dir)
     return out
 
 

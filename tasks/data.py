@@ -11,6 +11,7 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
 from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, sources
+from codeadapt.budget import Budget
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
 
@@ -75,8 +76,8 @@ def load_handwritten(path: Path) -> list[Example]:
 @task(task_run_name="build_dataset[{phase}]")
 def build_dataset(phase: str, items: list[Example], checkouts: dict[str, Checkout], out_dir: Path,
                   split_cfg: dict[str, Any], inputs: dict[str, Any],
-                  upstream_stats: dict[str, dict[str, int]]) -> dict[str, Any]:
-    return dataset.build_dataset(phase, items, checkouts, out_dir, split_cfg, inputs, upstream_stats)
+                  upstream_stats: dict[str, dict[str, int]], budget: Budget | None = None) -> dict[str, Any]:
+    return dataset.build_dataset(phase, items, checkouts, out_dir, split_cfg, inputs, upstream_stats, budget)
 
 
 def failure_of(name: str, spec: SourceSpec, exc: BaseException) -> SyncFailure:

@@ -77,7 +77,8 @@ def test_clean_doc(doc: str, want: str) -> None:
 
 def test_test_examples_use_wordings_no_train_example_uses() -> None:
     from codeadapt import wordings
-    from codeadapt.dataset import question_form, split_of
+    from codeadapt.card import question_form
+    from codeadapt.dataset import split_of
 
     split = (0.1, 0.4, "salt")
     ext = extract_checkout(ROOT, "codeadapt", "0" * 40)

@@ -205,3 +205,21 @@ def test_make_base_is_content_addressed(converted: Path) -> None:
     info = json.loads((converted / gguf.INFO_FILE).read_text())
     assert info["converter_version"] == gguf.CONVERTER_VERSION
     assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_budget_counts_tokens_exactly_as_training_encodes(converted: Path) -> None:
+    from codeadapt import budget, train
+
+    count, render = budget.load_counter(converted)
+    msgs = [chat.system("r"), chat.user("Where is `A`?"), chat.tool_call("call_1", "grep", {"pattern": "^class A"}),
+            chat.tool_result("call_1", "grep", "a.py:1:class A:"), chat.assistant("`a.py`, line 1.")]
+    tok = mlx_lm_tokenizer(converted)
+    enc = train.encode_record(tok, {"messages": msgs, "tools": list(chat.tool_schemas())}, "x")
+    assert count(msgs, chat.tool_schemas()) == len(enc.tokens)
+    assert render(msgs, chat.tool_schemas()).startswith("<|im_start|>system")
+
+
+def mlx_lm_tokenizer(path: Path) -> Any:
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(path)
