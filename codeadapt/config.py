@@ -190,6 +190,9 @@ class EvalSpec(Strict):
     held_out_phase: str | None = Field(
         None, description="a phase whose sources no trained phase uses: its examples (every "
         "split) are the held-out repositories of the agentic evaluation")
+    held_out_conversations: int = Field(
+        0, ge=0, description="the turn-level evaluation also scores all turns of this many "
+        "conversations from held_out_phase (repositories no phase trains on), reported apart")
 
 
 class AgenticSpec(Strict):

@@ -269,6 +269,11 @@ def score_outputs(prompts: Sequence[Prompt], gen: Generations, spec: EvalSpec, m
         "tokens_per_s": n_tokens / gen.seconds if gen.seconds > 0 and n_tokens else None,
         "truncated": sum(r == "length" for r in gen.finish_reasons),
         "metrics": summarize(scores, groups=[p.group for p in prompts]),
+        "metrics_by_origin": {
+            origin: summarize([s for p, s in zip(prompts, scores) if p.held_out == held],
+                              groups=[p.group for p in prompts if p.held_out == held])
+            for origin, held in (("trained_repos", False), ("held_out_repos", True))
+            if any(p.held_out == held for p in prompts)},
         "by_source": by_source,
         "results": results,
     }
@@ -306,12 +311,12 @@ def evaluate_rules(prompts: Sequence[Prompt], spec: EvalSpec) -> dict[str, Any]:
 def eval_job(payload: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Worker entry: collect the prompts, then `evaluate_model` (runs with the fast BLAS)."""
-    from codeadapt.prompts import collect_prompts
+    from codeadapt.prompts import eval_prompts
 
     spec = EvalSpec.model_validate(payload["spec"])
     fixed = Path(payload["fixed_set"]) if payload.get("fixed_set") else None
-    prompts = collect_prompts(Path(payload["data_dir"]), Path(payload["repos_dir"]), spec.split,
-                              spec.hold_out_sources, fixed, spec.max_conversations)
+    held_out = Path(payload["held_out_dir"]) if payload.get("held_out_dir") else None
+    prompts = eval_prompts(spec, Path(payload["data_dir"]), Path(payload["repos_dir"]), fixed, held_out)
     adapter = Path(payload["adapter_dir"]) if payload.get("adapter_dir") else None
     result = evaluate_model(Path(payload["model_dir"]), adapter, prompts, spec)
     from codeadapt.worker import blas_in_use

@@ -194,16 +194,36 @@ def sample_conversations(prompts: Sequence[Prompt], limit: int | None) -> list[P
     return [p for p in prompts if p.example_id in keep]
 
 
+def held_out_repo_prompts(held_out_dir: Path, repos_dir: Path) -> list[Prompt]:
+    """Every turn of every split of a dataset whose sources no phase trains on, marked
+    `held_out` (repositories the adapters never saw)."""
+    manifest = json.loads((Path(held_out_dir) / "manifest.json").read_text())
+    sources = {e["source"] for e in manifest["examples"]}
+    return prompts_from_split(held_out_dir, "test", sources, repos_dir)
+
+
 def collect_prompts(data_dir: Path, repos_dir: Path, split: str, hold_out_sources: Iterable[str],
-                    fixed_set: Path | None, max_conversations: int | None = None) -> list[Prompt]:
+                    fixed_set: Path | None, max_conversations: int | None = None,
+                    held_out_dir: Path | None = None, held_out_conversations: int = 0) -> list[Prompt]:
     """Every prompt an evaluation scores: the held-out split (all turns of at most
-    `max_conversations` of its conversations) plus the fixed set, if any, without the
-    conversations whose tool content leaks from the train split (`leaks_of`)."""
+    `max_conversations` of its conversations), all turns of `held_out_conversations`
+    conversations about repositories never trained on (`held_out_dir`), and the fixed set, if
+    any; without the conversations whose tool content leaks from the train split (`leaks_of`)."""
     held = prompts_from_split(data_dir, split, hold_out_sources, repos_dir)
     fixed = load_fixed_set(fixed_set, repos_dir) if fixed_set is not None else []
-    leaked = leaks_of(data_dir, held + fixed)
+    repos = (held_out_repo_prompts(held_out_dir, repos_dir)
+             if held_out_dir is not None and held_out_conversations else [])
+    leaked = leaks_of(data_dir, held + fixed + repos)
     return (sample_conversations([p for p in held if p.example_id not in leaked], max_conversations)
+            + sample_conversations([p for p in repos if p.example_id not in leaked], held_out_conversations)
             + [p for p in fixed if p.example_id not in leaked])
+
+
+def eval_prompts(spec: Any, data_dir: Path, repos_dir: Path, fixed_set: Path | None,
+                 held_out_dir: Path | None = None) -> list[Prompt]:
+    """`collect_prompts` as an `EvalSpec` asks for: what every row of the turn table scores."""
+    return collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set,
+                           spec.max_conversations, held_out_dir, spec.held_out_conversations)
 
 
 def leaks_of(data_dir: Path, prompts: Sequence[Prompt]) -> dict[str, str]:

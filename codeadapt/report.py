@@ -49,6 +49,7 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "answer_turns": answer.get("n"),
             "answer_f1_rule": answer.get("f1_rule"),
             "adapter_bytes": ev.get("adapter_bytes"),
+            **_origin_cells(ev),
             **_agentic_cells(row.get("agentic")),
         })
     bases = [r for r in flat if r["phase"] == BASE]
@@ -56,6 +57,16 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         raise ValueError(f"need exactly one row with phase {BASE!r}, got {len(bases)}: "
                          f"{[r['phase'] for r in flat]}")
     return bases + [r for r in flat if r["phase"] != BASE]
+
+
+def _origin_cells(ev: dict[str, Any]) -> dict[str, Any]:
+    """Tool-call accuracy on files of trained repositories vs. repositories never trained on."""
+    out: dict[str, Any] = {}
+    for origin in ("trained_repos", "held_out_repos"):
+        m = ev.get("metrics_by_origin", {}).get(origin, {}).get(HEADLINE, {})
+        out |= {origin: m.get("accuracy"), f"{origin}_lo": m.get("lo"), f"{origin}_hi": m.get("hi"),
+                f"{origin}_n": m.get("n")}
+    return out
 
 
 def _agentic_cells(result: dict[str, Any] | None) -> dict[str, Any]:
@@ -117,13 +128,17 @@ def _ci(v: float | None, lo: float | None, hi: float | None) -> str:
 
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
     head = ["phase", "trained on (examples)", "training", "prompts", "load s", "gen s/prompt", "tokens/s",
-            "tool-call accuracy (95% CI)", "overall (95% CI)", *METRIC_COLUMNS, "adapter size"]
+            "tool-call accuracy (95% CI)", "tool calls: trained repos", "tool calls: unseen repos",
+            "overall (95% CI)", *METRIC_COLUMNS, "adapter size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["phase"], "–" if r["examples"] is None else str(r["examples"]),
                  r.get("training") or "–", str(r["prompts"]),
                  _num(r["load_s"], ".2f"), _num(r["gen_s_per_prompt"], ".3f"),
                  _num(r["tokens_per_s"], ".0f"), _ci(r["accuracy"], r["lo"], r["hi"]),
+                 *(_ci(r.get(o), r.get(f"{o}_lo"), r.get(f"{o}_hi"))
+                   + (f" (n={r[f'{o}_n']})" if r.get(f"{o}_n") else "")
+                   for o in ("trained_repos", "held_out_repos")),
                  _ci(r["overall"], r["overall_lo"], r["overall_hi"]),
                  *(_pct(r[m]) for m in METRIC_COLUMNS), _size(r["adapter_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")

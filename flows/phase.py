@@ -142,12 +142,13 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     adapters = settings.resolve(settings.paths.adapters)
     chain = settings.phase_chain(phase)
     fixed = settings.resolve(settings.eval.fixed_set) if settings.eval.fixed_set else None
-    contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed)
+    held_dir = data / settings.eval.held_out_phase if settings.eval.held_out_phase else None
+    contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed, held_dir)
     cache = adapters / ".evals"
 
     def score(label: str, adapter: Path | None, wait: list | None = None):
         return ml.evaluate.submit(label, base_dir, adapter, data / phase, repos, settings.eval,
-                                  fixed, cache, wait_for=wait or [])
+                                  fixed, cache, held_dir, wait_for=wait or [])
 
     evals = {"base": score("base", None)}
     trained, candidates, current = {}, {}, {}
@@ -177,7 +178,7 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     decisions: dict[str, tuple[bool, str]] = {}
     rows = [{"phase": "base", "examples": None, "eval": evals["base"].result()},
             {"phase": "rules", "examples": None, "training": "regexes on the question",
-             "eval": ml.evaluate_rules(data / phase, repos, settings.eval, fixed)}]
+             "eval": ml.evaluate_rules(data / phase, repos, settings.eval, fixed, held_dir)}]
     for p in chain:
         result = current[p].result() if p in current else None
         if p in candidates:
@@ -199,13 +200,16 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
             adapter = adapter.with_name(adapter.name.removesuffix(".candidate"))
         agentic[row["phase"]] = ml.evaluate_agentic.submit(
             row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache,
-            data / settings.eval.held_out_phase if settings.eval.held_out_phase else None)
+            held_dir)
     for row in rows:
         row["agentic"] = agentic[row["phase"]].result()
     sample = (f"all turns of {settings.eval.max_conversations} conversations (a stable hash sample) "
               if settings.eval.max_conversations else "every assistant turn ")
+    repos_part = (f", all turns of {settings.eval.held_out_conversations} conversations about "
+                  f"repositories no phase trains on (`{settings.eval.held_out_phase}`; own column)"
+                  if held_dir and settings.eval.held_out_conversations else "")
     notes = (f"All rows are scored on the same {rows[0]['eval']['prompts']} prompts: {sample}"
-             f"of {phase}'s `{settings.eval.split}` split"
+             f"of {phase}'s `{settings.eval.split}` split{repos_part}"
              + (f" plus the fixed set `{settings.eval.fixed_set}`" if fixed else "")
              + f". Base model: `{base_dir}`. Decontamination: {contamination['contaminated']}/"
              f"{contamination['test_texts']} held-out user turns share a word {contamination['n']}-gram "

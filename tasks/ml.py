@@ -164,21 +164,25 @@ def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[st
 
 @task(task_run_name="evaluate[{label}]")
 def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
-             spec: EvalSpec, fixed_set: Path | None, cache_dir: Path) -> dict[str, Any]:
+             spec: EvalSpec, fixed_set: Path | None, cache_dir: Path,
+             held_out_dir: Path | None = None) -> dict[str, Any]:
     """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker."""
 
     payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
                "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
-               "fixed_set": str(fixed_set) if fixed_set else None}
-    cached = cache_dir / f"{_key(label)}-{eval_key(payload)}.json"
+               "fixed_set": str(fixed_set) if fixed_set else None,
+               "held_out_dir": str(held_out_dir) if held_out_dir else None}
+    key = eval_key(payload)
+    if held_out_dir is not None and spec.held_out_conversations:
+        key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
+    cached = cache_dir / f"{_key(label)}-{key}.json"
     if cached.is_file():
         from codeadapt.evaluate import rescore
-        from codeadapt.prompts import collect_prompts
+        from codeadapt.prompts import eval_prompts
 
         get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not generating "
                               "again (scored again with the current scorer)", label, cached)
-        prompts = collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources,
-                                  fixed_set, spec.max_conversations)
+        prompts = eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir)
         return rescore(json.loads(cached.read_text()), prompts, spec)
     result = _in_slot_stored("eval", payload, cached)
     m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
@@ -224,14 +228,13 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
 
 
 @task(task_run_name="evaluate[rules]")
-def evaluate_rules(data_dir: Path, repos_dir: Path, spec: EvalSpec, fixed_set: Path | None
-                   ) -> dict[str, Any]:
+def evaluate_rules(data_dir: Path, repos_dir: Path, spec: EvalSpec, fixed_set: Path | None,
+                   held_out_dir: Path | None = None) -> dict[str, Any]:
     """The rule baseline on the same prompts and scorer as the models (seconds; no model)."""
     from codeadapt.evaluate import evaluate_rules as rules
-    from codeadapt.prompts import collect_prompts
+    from codeadapt.prompts import eval_prompts
 
-    prompts = collect_prompts(data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set,
-                              spec.max_conversations)
+    prompts = eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir)
     result = rules(prompts, spec)
     m = result["metrics"]["tool_call"]
     get_run_logger().info("rules: tool-call accuracy %.1f%% [%.1f, %.1f] on %d prompts",
@@ -247,7 +250,7 @@ def promote(candidate: Path, current: Path) -> Path:
 
 @task(task_run_name="check_contamination[{phase}]")
 def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalSpec,
-                        fixed_set: Path | None) -> dict[str, Any]:
+                        fixed_set: Path | None, held_out_dir: Path | None = None) -> dict[str, Any]:
     """Fail loudly when held-out prompts overlap the phase's train split."""
     from codeadapt import prompts as pr
 
@@ -257,8 +260,7 @@ def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalS
     if leaked:
         get_run_logger().warning("excluded from scoring, their tool calls and results repeat a "
                                  "train conversation: %s", leaked)
-    test = pr.user_texts(p.messages for p in pr.collect_prompts(
-        data_dir, repos_dir, spec.split, spec.hold_out_sources, fixed_set, spec.max_conversations))
+    test = pr.user_texts(p.messages for p in pr.eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir))
     train_recs = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     out = pr.check_contamination(test, pr.user_texts(r["messages"] for r in train_recs),
                                  spec.max_contamination, spec.ngram, spec.max_train_count)

@@ -75,3 +75,16 @@ def test_a_stored_result_scores_the_same_again_and_refuses_other_prompts(prompts
     assert fewer["prompts"] == len(prompts) - 1
     with pytest.raises(ValueError, match="other prompts"):
         rescore({**first, "results": first["results"][1:]}, prompts, spec)
+
+
+def test_scores_are_also_split_by_whether_the_repository_was_trained_on(prompts) -> None:
+    from dataclasses import replace
+
+    mixed = [replace(p, held_out=i % 3 == 0) for i, p in enumerate(prompts)]
+    result = evaluate_rules(mixed, EvalSpec(max_tokens=96))
+    by = result["metrics_by_origin"]
+    calls = [r for r in result["results"] if r["expected"]["name"]]
+    for origin, held in (("trained_repos", False), ("held_out_repos", True)):
+        mine = [r["score"]["correct"] for r in calls if r["held_out"] == held]
+        assert by[origin]["tool_call"]["n"] == len(mine) and by[origin]["tool_call"]["k"] == sum(mine)
+    assert "held_out_repos" not in evaluate_rules(prompts, EvalSpec(max_tokens=96))["metrics_by_origin"]

@@ -189,3 +189,22 @@ def test_collect_prompts_samples_the_split_but_keeps_the_fixed_set(dataset: Path
     assert one[len(split):] == fixed
     assert len({p.example_id for p in split}) == 1
     assert split == [p for p in full[:3] if p.example_id == split[0].example_id]
+
+
+def test_collect_prompts_adds_conversations_from_repositories_never_trained_on(dataset: Path, tmp_path: Path
+                                                                              ) -> None:
+    """Every split of the held-out phase counts (no phase trains on it), marked held_out,
+    sampled to held_out_conversations; a conversation that repeats train is still excluded."""
+    held = write_dataset(tmp_path / "data" / "base", [
+        ("h1", "train", "httpx", _call_example("httpx", "Where is class `H` in httpx?", "^class H")),
+        ("h2", "test", "httpx", _direct_example("httpx", "What is httpx?")),
+        ("h3", "valid", "rich", _call_example("rich", "Where is class `R` in rich?", "^class R")),
+        ("h4", "train", "rich", _call_example("flask", "Where is class `A` in flask?", "^class A")),
+    ])
+    got = prompts.collect_prompts(dataset, tmp_path, "test", [], None, None, held, 10)
+    assert [p.id for p in got if not p.held_out] == ["e2#2", "e2#4", "e4#2"]
+    assert sorted({p.example_id for p in got if p.held_out}) == ["h1", "h2", "h3"]  # h4 = e1: a leak
+    assert all(p.root.startswith(str(tmp_path)) for p in got)
+    two = prompts.collect_prompts(dataset, tmp_path, "test", [], None, None, held, 2)
+    assert len({p.example_id for p in two if p.held_out}) == 2
+    assert prompts.collect_prompts(dataset, tmp_path, "test", [], None, None, held, 0) == got[:3]

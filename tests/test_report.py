@@ -64,9 +64,10 @@ def test_write_report_writes_table_and_chart_atomically(tmp_path: Path) -> None:
     text = path.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert lines[0] == ("| phase | trained on (examples) | training | prompts | load s | gen s/prompt | tokens/s | "
-                        "tool-call accuracy (95% CI) | overall (95% CI) | decision | format | "
+                        "tool-call accuracy (95% CI) | tool calls: trained repos | tool calls: unseen repos | "
+                        "overall (95% CI) | decision | format | "
                         "name | arguments | stop | answer | executed_ok | adapter size |")
-    assert lines[1].startswith("| base | – | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%] | "
+    assert lines[1].startswith("| base | – | – | 30 | 0.25 | 0.125 | 512 | 0.0% [0.0%, 11.4%] | – | – | "
                                "7.5% [2.6%, 19.9%] | 0.0% |")
     assert "| phase6 | 587 | 60 steps from phase5 | 30 |" in lines[2] and lines[2].endswith("| 3.0 MiB |")
     assert "![accuracy per phase](accuracy.png)" in text and "Fixed set" in text
@@ -103,3 +104,14 @@ def test_agentic_rows_get_their_own_table_and_bars(tmp_path: Path) -> None:
     assert "| base | 1 | 100.0% [" in section and "| 2.00 |" in section and "(grep 1)" in section
     assert "held-out repos" in section and "| – |" in section  # no repo-held-out task here
     assert (tmp_path / report.CHART_FILE).stat().st_size > 1000
+
+
+def test_turn_table_splits_trained_and_unseen_repositories() -> None:
+    ev = _eval(18, 30, None)
+    lo, hi = evaluate.wilson(2, 10)
+    ev["metrics_by_origin"] = {"held_out_repos": {"tool_call": {"accuracy": 0.2, "lo": lo, "hi": hi, "n": 10}}}
+    rows = [{"phase": "base", "examples": None, "eval": ev}]
+    table = report.phase_table(rows)
+    assert table[0]["held_out_repos"] == 0.2 and table[0]["trained_repos"] is None
+    md = report.markdown_table(table)
+    assert "tool calls: unseen repos" in md and "20.0% [" in md and "(n=10)" in md
