@@ -23,10 +23,10 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
-              "grep_importers", "grep_async")
-READ_KINDS = ("read_class", "read_function", "read_method")
+              "grep_importers", "grep_async", "grep_refine")
+READ_KINDS = ("read_class", "read_function", "read_method", "followup_read")
 EXPLAIN_KINDS = ("explain_symbol",)
 QUOTE_LINES = 8  # a "show me" answer quotes at most this many lines of what it read
 HIT_RE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+):(?P<text>.*)$")
@@ -57,14 +57,17 @@ class Ctx:
     def rng(self, *key: object) -> random.Random:
         return random.Random(":".join(map(str, (self.seed, self.source, *key))))
 
+    def in_test(self, path: str, line: int) -> bool:
+        """Whether an example about `path`:`line` lands in the test split."""
+        if self.limits.split is None:
+            return False
+        valid, test_share, salt = self.limits.split
+        group = self.groups(self.root, path, line, self.limits.by_symbol)
+        return split_of(self.source, group, valid, test_share, salt) == "test"
+
     def question(self, kind: str, name: str, path: str, line: int) -> str:
-        test = False
-        if self.limits.split is not None:
-            valid, test_share, salt = self.limits.split
-            group = self.groups(self.root, path, line, self.limits.by_symbol)
-            test = split_of(self.source, group, valid, test_share, salt) == "test"
-        return wordings.pick(kind, self.rng(kind, name, "phrase"), test=test, name=name,
-                             repo=self.source)
+        return wordings.pick(kind, self.rng(kind, name, "phrase"), test=self.in_test(path, line),
+                             name=name, repo=self.source)
 
     def example(self, messages: list[dict], kind: str, sym_path: str, start: int, end: int) -> Example:
         return Example(
@@ -368,7 +371,9 @@ def _candidates(ctx: Ctx, kind: str, want: Callable[[Symbol], bool]) -> list[Sym
 
 def _take(ctx: Ctx, kinds: tuple[str, ...], quota: int) -> list[Example]:
     """Round-robin over `kinds` until `quota` examples or every generator runs dry."""
-    gens = {k: GENERATORS[k](ctx) for k in kinds}
+    from codeadapt.trajectories import GENERATORS as MULTI_STEP
+
+    gens = {k: {**GENERATORS, **MULTI_STEP}[k](ctx) for k in kinds}
     out: list[Example] = []
     while gens and len(out) < quota:
         for k in list(gens):

@@ -21,10 +21,11 @@ from typing import Any
 import tree_sitter_html
 from tree_sitter import Language, Node, Parser
 
-from codeadapt import chat, tools
+from codeadapt import chat, tools, wordings
+from codeadapt.dataset import split_of
 from codeadapt.records import Example
 
-HTML_GENERATOR_VERSION = "1"
+HTML_GENERATOR_VERSION = "2"
 MAX_DIRECT_LINES = 40  # longest form pasted into a direct question
 
 _LANGUAGE = Language(tree_sitter_html.language())
@@ -260,47 +261,20 @@ def _draft(kind: str, q: str, ans: str, root: Path, rel: str,
 
 # ---- example kinds: each turns one document into drafts ----------------------------------------
 
-PHRASES: dict[str, tuple[str, ...]] = {
-    "html_unlabeled_inputs": ("Which form fields in {path} have no label?",
-                              "Would a screen reader announce any input in {path} unlabeled?",
-                              "Check {path}: does every form control have an accessible label?",
-                              "List the unlabeled form controls in {path}."),
-    "html_form_fields": ("What fields does the form in {path} collect?",
-                         "List the form fields in {path} with their types and required flags.",
-                         "Which inputs in {path} are required, and what types are they?"),
-    "html_missing_alt": ("Which images in {path} are missing alt text?",
-                         "Do all the <img> elements in {path} have alt attributes?",
-                         "Find images without alternative text in {path}."),
-    "html_table_headers": ("Does {ref} in {path} have a caption and header cells with scope?",
-                           "Is {ref} in {path} accessible (caption, <th>, scope)?",
-                           "Check the headers of {ref} in {path}."),
-    "html_heading_outline": ("Does the heading structure in {path} skip any levels?",
-                             "Show me the heading outline of {path} and point out skipped levels.",
-                             "Are the headings in {path} nested correctly?"),
-    "html_landmarks": ("What landmark regions does {path} define?",
-                       "Does {path} have a main landmark, and which other landmarks are there?",
-                       "List the page regions (banner, navigation, main, ...) in {path}."),
-    "html_vague_links": ('Are there links in {path} with vague text like "click here"?',
-                         "Which links in {path} would not make sense out of context?",
-                         "Check the link texts in {path} for accessibility problems."),
-    "html_button_names": ("Which buttons in {path} have no accessible name?",
-                          "Do all buttons in {path} have a name a screen reader can announce?",
-                          "Find icon-only buttons without a label in {path}."),
-    "html_lang": ("Does {path} declare the page language?",
-                  "Is there a lang attribute on the <html> element of {path}?",
-                  "What language is {path} declared to be in?"),
-    "html_tabindex": ("Does anything in {path} use a positive tabindex?",
-                      "Check {path} for tabindex values that change the tab order.",
-                      "Which elements in {path} have a tabindex, and is any of them a problem?"),
-    "html_direct_required": ("Here is a form from {path}:\n\n{ref}\n\nWhich fields are required?",
-                             "Which fields of this form (from {path}) must be filled in?\n\n{ref}",
-                             "{ref}\n\nThis is from {path}. What does the user have to fill in?"),
-}
+# Wordings of the HTML kinds live with the Python ones (codeadapt.wordings): ten or more per
+# kind, the last three only for test examples.
+PHRASES = {k: v for k, v in wordings.WORDINGS.items() if k.startswith("html_")}
 Kind = Callable[[Document, Path, str, random.Random], list[_Draft]]
 
 
+class _Rng(random.Random):
+    """The per-file random source; `test` says the file's examples land in the test split."""
+
+    test = False
+
+
 def _ask(rng: random.Random, kind: str, path: str, ref: str = "") -> str:
-    return rng.choice(PHRASES[kind]).format(path=path, ref=ref)
+    return wordings.pick(kind, rng, getattr(rng, "test", False), path=path, ref=ref)
 
 
 def _unlabeled_inputs(doc: Document, root: Path, rel: str, rng: random.Random) -> list[_Draft]:
@@ -604,9 +578,11 @@ def _example(draft: _Draft, root: Path, source: str, commit: str, rel: str,
                    draft.kind, HTML_GENERATOR_VERSION)
 
 
-def html_examples(root: Path, source: str, commit: str,
-                  seed: str = "") -> tuple[list[Example], dict[str, int]]:
-    """Grounded examples for every .html file under `root`, plus counts of documents and drops."""
+def html_examples(root: Path, source: str, commit: str, seed: str = "",
+                  split: tuple[float, float, str] | None = None) -> tuple[list[Example], dict[str, int]]:
+    """Grounded examples for every .html file under `root`, plus counts of documents and drops.
+    With the dataset's `split` (valid, test, salt), a file whose examples land in test gets the
+    test-only wordings."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"HTML root {root} is not a directory")
@@ -638,8 +614,11 @@ def html_examples(root: Path, source: str, commit: str,
             stats["dropped_parse_error" if doc.has_error else "dropped_line_mismatch"] += 1
             continue
         stats["documents"] += 1
+        in_test = split is not None and split_of(source, rel, *split) == "test"
         for kind, make in KINDS.items():
-            for draft in make(doc, root, rel, random.Random(f"{seed}:{source}:{rel}:{kind}")):
+            rng = _Rng(f"{seed}:{source}:{rel}:{kind}")
+            rng.test = in_test
+            for draft in make(doc, root, rel, rng):
                 example = _example(draft, root, source, commit, rel, doc)
                 if example is None:
                     stats["dropped_tool_error"] += 1

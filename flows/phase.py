@@ -55,7 +55,7 @@ def build_data(settings: Settings, targets: list[str], budget: Budget | None = N
     py_futs = t.make_examples.map(py, extractions, [quotas[c.name] for c in py],
                                   [replace(limits, by_symbol=c.group in by_symbol) for c in py],
                                   unmapped(seed))
-    html_futs = t.html_examples.map(html, unmapped(seed))
+    html_futs = t.html_examples.map(html, unmapped(seed), unmapped(limits.split))
     hand_paths = {rel: f for p in phases for rel, f in plan.handwritten_files(settings, p).items()}
     hand_futs = {rel: t.load_handwritten.submit(f) for rel, f in hand_paths.items()}
 

@@ -64,8 +64,9 @@ def make_examples(checkout: Checkout, extraction: Extraction, quotas: dict[str, 
 
 
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="html_examples[{checkout.name}]")
-def html_examples(checkout: Checkout, seed: str) -> tuple[list[Example], dict[str, int]]:
-    return html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed)
+def html_examples(checkout: Checkout, seed: str, split: tuple[float, float, str] | None = None
+                  ) -> tuple[list[Example], dict[str, int]]:
+    return html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed, split)
 
 
 @task(task_run_name="load_handwritten[{path.name}]")

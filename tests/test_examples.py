@@ -75,11 +75,12 @@ def test_clean_doc(doc: str, want: str) -> None:
     assert examples.clean_doc(doc) == want
 
 
-def test_test_examples_use_wordings_no_train_example_uses() -> None:
+def test_test_examples_use_wordings_no_train_example_uses(monkeypatch) -> None:
     from codeadapt import wordings
     from codeadapt.card import question_form
     from codeadapt.dataset import split_of
 
+    monkeypatch.setattr(wordings, "TYPO_RATE", 0.0)  # exact wordings; typos are tested apart
     split = (0.1, 0.4, "salt")
     ext = extract_checkout(ROOT, "codeadapt", "0" * 40)
     made, _ = examples.python_examples(ROOT, ext, {"grep": 30, "read": 12, "explain": 8},
@@ -88,9 +89,62 @@ def test_test_examples_use_wordings_no_train_example_uses() -> None:
     for ex in made:
         s = split_of(ex.source, ex.path, *split)
         q = ex.messages[1]["content"]
-        allowed = wordings.WORDINGS[ex.kind]
-        allowed = allowed[-wordings.TEST_ONLY:] if s == "test" else allowed[:-wordings.TEST_ONLY]
+        # Multi-step kinds open with a "where is X defined?" question.
+        asked = ("grep_class", "grep_function") if ex.kind in ("grep_refine", "followup_read") else (ex.kind,)
+        allowed = [w for k in asked for w in (wordings.WORDINGS[k][-wordings.TEST_ONLY:] if s == "test"
+                                              else wordings.WORDINGS[k][:-wordings.TEST_ONLY])]
         assert any(re.fullmatch(re.escape(w).replace(r"\{name\}", ".+").replace(r"\{repo\}", "codeadapt"), q)
                    for w in allowed), (s, q)
         forms.setdefault(s, set()).add(question_form(q, ex.source))
     assert forms["test"] and forms["train"] and not forms["test"] & forms["train"]
+
+
+def test_typos_swap_letters_of_plain_words_only() -> None:
+    import random
+
+    from codeadapt import wordings
+
+    t = "Where is the class `{name}` defined in {repo}?"
+    seen = {wordings.typo(t, random.Random(i)) for i in range(200)}
+    assert t not in seen or len(seen) > 5
+    for s in seen:
+        assert "`{name}`" in s and "{repo}" in s and sorted(s) == sorted(t) and len(s) == len(t)
+        assert sum(a != b for a, b in zip(s, t)) in (0, 2)
+    assert wordings.typo("`{name}`?", random.Random(0)) == "`{name}`?"
+    rate = sum(wordings.pick("grep_class", random.Random(i), name="X", repo="r") not in
+               {w.format(name="X", repo="r") for w in wordings.WORDINGS["grep_class"]} for i in range(2000))
+    assert 50 < rate < 150  # ~5 %
+
+
+def test_multi_step_kinds_are_made_and_replay(made) -> None:
+    kinds = {ex.kind for ex in made}
+    assert {"followup_read", "grep_refine"} <= kinds
+
+
+def test_followup_reads_from_the_first_answers_grep_hit(made) -> None:
+    for ex in (e for e in made if e.kind == "followup_read"):
+        roles = [m["role"] for m in ex.messages]
+        assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant"]
+        (g, gargs, gres), (r, rargs, rres) = _calls(ex)
+        assert (g, r) == ("grep", "read_file") and gres.startswith(f"{rargs['path']}:{rargs['start_line']}:")
+        assert f"`{rargs['path']}` at line {rargs['start_line']}" in ex.messages[4]["content"]
+        assert "`" not in ex.messages[5]["content"]  # the follow-up names nothing: "it"
+        assert "```python" in ex.messages[-1]["content"]
+
+
+def test_a_refined_search_follows_a_miss_on_a_mistyped_name(made) -> None:
+    from codeadapt.trajectories import refine_pattern
+
+    for ex in (e for e in made if e.kind == "grep_refine"):
+        (_, first, miss), (_, second, hits) = _calls(ex)
+        assert miss == "No matches."
+        typo = re.search(r"\) (\w+)\\b$", first["pattern"])[1]
+        assert typo in ex.messages[1]["content"]  # the name as the user typed it
+        prefix = re.search(r"\) (\w+)\\w\*$", second["pattern"])[1]
+        assert typo.startswith(prefix) and second["pattern"] == refine_pattern(prefix)
+        answer = ex.messages[-1]["content"]
+        meant = {n for n in re.findall(r"`(\w+)`", answer) if n != typo and sorted(n) == sorted(typo)}
+        assert len(meant) == 1, answer
+        name = meant.pop()
+        assert name.startswith(prefix) and f"{ex.path}:" in hits
+        assert answer.index(f"`{name}`") < answer.index("\n") if "\n" in answer else True  # named first

@@ -118,7 +118,7 @@ def test_corpus_counts_and_kinds(corpus):
     assert stats["documents"] >= 12 and stats["examples"] == len(examples) >= 30
     assert not [k for k in stats if k.startswith("dropped_")]
     assert set(PHRASES) == {e.kind for e in examples}
-    assert all(len(p) >= 3 for p in PHRASES.values())
+    assert all(len(p) >= 10 for p in PHRASES.values())
     answers = {e.messages[-1]["content"] for e in examples if e.kind == "html_unlabeled_inputs"}
     assert any(a.startswith("No problems:") for a in answers) and any("lack a label" in a for a in answers)
 
@@ -154,3 +154,21 @@ def test_output_is_deterministic_and_seeded(corpus):
     assert again == corpus
     other, _ = html_examples(DATA, "html-docs", "c0ffee", seed="u")
     assert [e.messages[1] for e in other] != [e.messages[1] for e in corpus[0]]
+
+
+def test_test_split_pages_get_wordings_no_train_page_gets(monkeypatch) -> None:
+    from codeadapt import wordings
+    from codeadapt.dataset import split_of
+
+    monkeypatch.setattr(wordings, "TYPO_RATE", 0.0)
+    split = (0.0, 0.5, "salt")
+    examples, _ = html_examples(DATA, "html-docs", "c0ffee", seed="t", split=split)
+    seen = set()
+    for e in examples:
+        test = split_of("html-docs", e.path, *split) == "test"
+        q = e.messages[1]["content"]
+        allowed = PHRASES[e.kind][-wordings.TEST_ONLY:] if test else PHRASES[e.kind][:-wordings.TEST_ONLY]
+        pat = lambda w, path=e.path: re.escape(w).replace(r"\{path\}", re.escape(path)).replace(r"\{ref\}", "(?s:.+)")  # noqa: E731
+        assert any(re.fullmatch(pat(w), q) for w in allowed), (test, q)
+        seen.add(test)
+    assert seen == {True, False}
