@@ -24,7 +24,8 @@ def check_name(name: str, what: str = "source name") -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is not 1 and "3" is not 3 (TOML and --set values keep their types)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SourceSpec(Strict):

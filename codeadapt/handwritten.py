@@ -109,6 +109,8 @@ def load_handwritten(path: Path) -> list[Example]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from None
             except ValueError as exc:
                 raise ValueError(f"{path}:{lineno}: {exc}") from None
+            except (TypeError, KeyError, AttributeError, IndexError) as exc:  # a wrongly shaped field
+                raise ValueError(f"{path}:{lineno}: malformed record ({type(exc).__name__}: {exc})") from None
     if not examples:
         raise ValueError(f"{path}: no examples; expected one JSON object per line")
     return examples

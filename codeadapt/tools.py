@@ -106,9 +106,12 @@ def _decoded(file: str, mtime_ns: int, size: int) -> list[str] | None:
         return None
 
 
+_FLAGS_OFF = re.compile(r"\(\?[a-zA-Z]*-")  # (?-m), (?i-m:...): a flag turned off inside the pattern
+
+
 def _prefilter(pattern: str) -> re.Pattern[str] | None:
     """A whole-file regex that matches whenever some line does, to skip most files quickly."""
-    if any(tok in pattern for tok in ("\\A", "\\Z", "(?<", "(?m", "(?s")):
+    if any(tok in pattern for tok in ("\\A", "\\Z", "(?<", "(?m", "(?s")) or _FLAGS_OFF.search(pattern):
         return None
     try:
         return re.compile(pattern, re.MULTILINE)

@@ -29,6 +29,8 @@ def test_github_profile_uses_git_urls():
     ("groups.popular.budget.colour=1", "groups.popular.budget.colour"),
     ("split.test=0.9", "split.test"),
     ("split.by_symbol=['nogroup']", "split.by_symbol"),
+    ("train.iters=true", "train.iters"),  # a bool is not 1
+    ("train.iters='3'", "train.iters"),
     ("unknown=1", "unknown"),
 ])
 def test_bad_config_names_key_path(override, key):

@@ -245,6 +245,10 @@ MALFORMED = {
         lambda r: {**r, "meta": {**r["meta"], "kind": "handwritten_read"}},
         "must call 'read_file'",
     ),
+    "tool_calls not a list": (
+        lambda r: {**r, "messages": [*r["messages"][:2], {**r["messages"][2], "tool_calls": 5}, *r["messages"][3:]]},
+        "",
+    ),
     "undeclared tool": (
         lambda r: {**r, "tools": list(chat.tool_schemas())[1:]},
         "that 'tools' does not declare",

@@ -29,6 +29,12 @@ def test_grep_path_and_no_matches(root: Path):
     assert tools.grep(root, "zzz") == "No matches."
 
 
+def test_grep_finds_lines_of_patterns_that_turn_multiline_off(root: Path):
+    # The whole-file prefilter must not skip a file a line-by-line search matches.
+    for pat in (r"(?-m)^class B", r"(?i-m)^CLASS B", r"(?-m:^class B)"):
+        assert tools.grep(root, pat, glob="*.py") == "pkg/b.py:3:class B(A):", pat
+
+
 def test_grep_never_reads_binary_non_utf8_or_symlinks(root: Path):
     out = tools.grep(root, "root:|class")
     assert "bin.dat" not in out and "latin.py" not in out and "passwd" not in out and "etc/" not in out
