@@ -23,7 +23,7 @@ from typing import Any
 from codeadapt import chat
 from codeadapt.budget import Budget, fit, length_stats, load_counter, samples
 from codeadapt.card import data_card, question_stats
-from codeadapt.fsutil import replace_dir
+from codeadapt.fsutil import locked, read_json, replace_dir
 from codeadapt.records import Checkout, Example
 from codeadapt.secrets import redact, redact_text
 
@@ -158,6 +158,16 @@ def fit_budget(kept: list[tuple[str, Example]], budget: Budget | None,
 def build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Checkout],
                   out_dir: Path, split_cfg: dict[str, Any], inputs: dict[str, Any],
                   upstream_stats: dict[str, dict[str, int]], budget: Budget | None = None) -> dict[str, Any]:
+    """`_build_dataset` under `out_dir`'s lock: two runs building one dataset take turns (the
+    second finds it up to date)."""
+    with locked(Path(out_dir)):
+        return _build_dataset(phase, examples, checkouts, Path(out_dir), split_cfg, inputs,
+                              upstream_stats, budget)
+
+
+def _build_dataset(phase: str, examples: list[Example], checkouts: dict[str, Checkout],
+                   out_dir: Path, split_cfg: dict[str, Any], inputs: dict[str, Any],
+                   upstream_stats: dict[str, dict[str, int]], budget: Budget | None) -> dict[str, Any]:
     """Write `out_dir/{train,valid,test}.jsonl`, `manifest.json`, `README.md`; return manifest.
 
     With a `budget`, examples are fitted to the training `max_seq_length` in the target
@@ -266,7 +276,7 @@ def without_sources(src: Path, dst: Path, sources: Iterable[str]) -> Path:
     manifest = json.loads((src / "manifest.json").read_text())
     key = hashlib.sha256(json.dumps([manifest["outputs"], sorted(drop)]).encode()).hexdigest()
     stamp = dst / "holdout.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    if (read_json(stamp) or {}).get("key") == key:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from codeadapt import chat
+from codeadapt.config import check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ def load_fixed_set(path: Path, repos_dir: Path) -> list[Prompt]:
         if not all(isinstance(meta.get(k), str) and meta[k] for k in ("id", "source", "kind")):
             raise ValueError(f"{path}:{lineno}: meta needs string id, source and kind, got {meta!r}")
         try:
+            check_name(meta["source"])  # the tools' root is repos_dir/source: "/" or ".." escape it
             out += prompts_of(record, meta["id"], meta["source"], meta["kind"],
                               str(Path(repos_dir) / meta["source"]),
                               cluster=f"{meta['source']}/{meta.get('path', meta['id'])}")
@@ -192,6 +194,26 @@ def sample_conversations(prompts: Sequence[Prompt], limit: int | None) -> list[P
         return list(prompts)
     keep = set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:limit])
     return [p for p in prompts if p.example_id in keep]
+
+
+def checkout_errors(data_dir: Path, repos_dir: Path) -> list[str]:
+    """Why the checkouts under `repos_dir` cannot replay `data_dir`'s tools: a source whose
+    checkout is missing, at another commit than the manifest's, or modified. Empty when all
+    are as the dataset was built."""
+    from codeadapt.sources import checkout_state
+
+    want: dict[str, str] = {}
+    for e in json.loads((Path(data_dir) / "manifest.json").read_text())["examples"]:
+        want.setdefault(e["source"], e["commit"])
+    errors = []
+    for source, commit in sorted(want.items()):
+        head, clean = checkout_state(Path(repos_dir) / source)
+        if head != commit:
+            errors.append(f"{source}: checkout {Path(repos_dir) / source} is at "
+                          f"{head or 'no commit'}, the dataset at {commit}")
+        elif not clean:
+            errors.append(f"{source}: checkout {Path(repos_dir) / source} has local changes")
+    return errors
 
 
 def held_out_repo_prompts(held_out_dir: Path, repos_dir: Path) -> list[Prompt]:

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import git
 
 from codeadapt.config import SourceSpec, check_name, check_ref, check_url
+from codeadapt.fsutil import locked
 from codeadapt.records import Checkout
 
 SNAPSHOT_DATE = "2000-01-01T00:00:00+0000"
@@ -39,9 +40,14 @@ class SourceError(ValueError):
 
 
 def sync_source(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path) -> Checkout:
-    """Fetch or snapshot one source into `repos_dir/<name>` and return its pinned checkout."""
+    """Fetch or snapshot one source into `repos_dir/<name>` and return its pinned checkout;
+    under the checkout's lock, so two runs syncing one source take turns."""
     check_name(name)
-    dest = repos_dir / name
+    with locked(Path(repos_dir) / name):
+        return _sync_source(name, spec, Path(repos_dir) / name, project_root)
+
+
+def _sync_source(name: str, spec: SourceSpec, dest: Path, project_root: Path) -> Checkout:
     if spec.kind == "git":
         commit = _sync_git(name, spec.url or "", spec.ref, dest)
         origin = spec.url or ""
@@ -65,6 +71,17 @@ def sync_source(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path
         group=spec.group,
         generator=spec.generator,
     )
+
+
+def checkout_state(dest: Path) -> tuple[str | None, bool]:
+    """(HEAD commit, whether the work tree matches it) of a checkout; (None, False) when
+    `dest` is not a git work tree."""
+    try:
+        repo = git.Repo(dest)
+        head = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}").strip()
+        return head or None, not _git(repo, "status", "--porcelain", "--untracked-files=all").strip()
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError, git.GitCommandError):
+        return None, False
 
 
 def _git(repo: git.Repo, *args: str) -> str:

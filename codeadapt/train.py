@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from codeadapt.config import TrainSpec
-from codeadapt.fsutil import replace_dir
+from codeadapt.fsutil import read_json, replace_dir, write_json
 
 TRAIN_VERSION = "1"  # bump when checkpoints or outputs for the same inputs change
 PAD_TO = 32  # batch widths are 1 + a multiple of this, like mlx-lm, so compiled shapes repeat
@@ -342,14 +342,14 @@ def _open_work(work: Path, fingerprint: dict[str, Any]) -> Path | None:
     """Keep `work` only if an identical run made it; return its latest checkpoint."""
     run_file = work / "run.json"
     if work.exists():
-        old = json.loads(run_file.read_text()) if run_file.exists() else None
+        old = read_json(run_file)  # a truncated run.json is another run's: start afresh
         if old != fingerprint:
             log.warning("discarding %s: it belongs to a run with other arguments", work)
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     for tmp in work.glob(".tmp-*"):
         shutil.rmtree(tmp)
-    run_file.write_text(json.dumps(fingerprint, indent=1) + "\n")
+    write_json(run_file, fingerprint, indent=1)
     checkpoints = sorted(work.glob("ckpt-*"))
     return checkpoints[-1] if checkpoints else None
 
@@ -598,10 +598,9 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> Path:
 def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, spec: TrainSpec,
                init_adapter: str | Path | None = None) -> bool:
     """True when `out_dir` holds a finished training of exactly these inputs (skip retraining)."""
-    path = Path(out_dir) / "metrics.json"
-    if not path.is_file():
+    m = read_json(Path(out_dir) / "metrics.json")
+    if not isinstance(m, dict):  # missing or corrupt: train again
         return False
-    m = json.loads(path.read_text())
     files = {s: Path(data_dir) / f"{s}.jsonl" for s in ("train", "valid")}
     data = {f"{s}.jsonl": file_sha256(p) for s, p in files.items() if p.is_file()}
     return (m.get("train_version") == TRAIN_VERSION and m.get("spec") == spec.model_dump()

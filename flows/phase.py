@@ -19,6 +19,7 @@ from codeadapt import examples as ex_mod
 from codeadapt.budget import Budget
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
 from codeadapt.dataset import without_sources
+from codeadapt.fsutil import recover_all
 from codeadapt.records import Checkout, Example, SyncFailure
 from tasks import data as t
 from tasks import ml
@@ -242,6 +243,9 @@ def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[st
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,
               models: bool = True) -> dict[str, Any]:
     settings = load_settings(config, profile=profile, overrides=overrides)
+    for d in (settings.paths.data, settings.paths.adapters):  # a run killed mid-publish
+        for name in recover_all(settings.resolve(d)):
+            get_run_logger().warning("restored %s/%s: a killed run had moved it aside", d, name)
     targets = [phase]
     if models and settings.base_model() == "tiny":
         targets.append(settings.base.corpus_phase)

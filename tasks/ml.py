@@ -20,7 +20,7 @@ from prefect.concurrency.sync import concurrency
 
 from codeadapt import basemodel, report, train
 from codeadapt.config import AgenticSpec, EvalSpec, TrainSpec
-from codeadapt.fsutil import replace_dir
+from codeadapt.fsutil import read_json, replace_dir, write_json
 
 GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never share a device
 
@@ -155,10 +155,7 @@ def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[st
 
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         result = run_in_worker(kind, payload)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(cached)
+    write_json(cached, result, indent=None)
     return result
 
 
@@ -176,14 +173,15 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
     if held_out_dir is not None and spec.held_out_conversations:
         key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
     cached = cache_dir / f"{_key(label)}-{key}.json"
-    if cached.is_file():
+    stored = read_json(cached)  # missing or corrupt: generate again
+    if isinstance(stored, dict):
         from codeadapt.evaluate import rescore
         from codeadapt.prompts import eval_prompts
 
         get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not generating "
                               "again (scored again with the current scorer)", label, cached)
         prompts = eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir)
-        return rescore(json.loads(cached.read_text()), prompts, spec)
+        return rescore(stored, prompts, spec)
     result = _in_slot_stored("eval", payload, cached)
     m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
     get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
@@ -212,8 +210,9 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
     if held_out_dir is not None:
         key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
     cached = cache_dir / f"agentic-{_key(label)}-{key}.json"
-    if cached.is_file() and not rules:
-        return json.loads(cached.read_text())
+    stored = None if rules else read_json(cached)
+    if isinstance(stored, dict):
+        return stored
     if rules:
         from codeadapt.agentic import agentic_job
 
@@ -254,6 +253,9 @@ def check_contamination(phase: str, data_dir: Path, repos_dir: Path, spec: EvalS
     """Fail loudly when held-out prompts overlap the phase's train split."""
     from codeadapt import prompts as pr
 
+    errors = [e for d in (data_dir, held_out_dir) if d is not None for e in pr.checkout_errors(d, repos_dir)]
+    if errors:  # the tools would run on other code than the dataset's answers
+        raise ValueError("checkouts do not match the evaluated data: " + "; ".join(errors))
     held = pr.prompts_from_split(data_dir, spec.split, spec.hold_out_sources, repos_dir)
     held += pr.load_fixed_set(fixed_set, repos_dir) if fixed_set else []
     leaked = pr.leaks_of(data_dir, held)

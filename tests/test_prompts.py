@@ -208,3 +208,34 @@ def test_collect_prompts_adds_conversations_from_repositories_never_trained_on(d
     two = prompts.collect_prompts(dataset, tmp_path, "test", [], None, None, held, 2)
     assert len({p.example_id for p in two if p.held_out}) == 2
     assert prompts.collect_prompts(dataset, tmp_path, "test", [], None, None, held, 0) == got[:3]
+
+
+def test_checkout_errors_name_a_source_at_another_commit_modified_or_missing(tmp_path: Path) -> None:
+    from conftest import commit_files, make_repo
+
+    repos = tmp_path / "repos"
+    first = make_repo(repos / "flask", {"a.py": "class A:\n    pass\n"})
+    data = tmp_path / "data" / "p"
+    write_dataset(data, [("e1", "test", "flask", _call_example("flask", "Where is `A`?", "^class A"))])
+    manifest = json.loads((data / "manifest.json").read_text())
+    for e in manifest["examples"]:
+        e["commit"] = first
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert prompts.checkout_errors(data, repos) == []
+    (repos / "flask" / "a.py").write_text("class A:\n    x = 1\n")
+    assert "has local changes" in prompts.checkout_errors(data, repos)[0]
+    second = commit_files(repos / "flask", {"a.py": "class A:\n    x = 1\n"})
+    [err] = prompts.checkout_errors(data, repos)
+    assert err.startswith("flask:") and second in err and first in err
+    assert "no commit" in prompts.checkout_errors(data, tmp_path / "elsewhere")[0]
+
+
+def test_fixed_set_source_cannot_point_the_tools_outside_repos(tmp_path: Path) -> None:
+    record = {**_call_example("flask", "Where is `A`?", "^class A"),
+              "meta": {"id": "f1", "source": "..", "kind": "grep_class"}}
+    path = tmp_path / "fixed.jsonl"
+    for bad in ("..", "/", "a/../../etc"):
+        record["meta"]["source"] = bad
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=rf"{path}:1: invalid source name"):
+            prompts.load_fixed_set(path, tmp_path / "repos")
