@@ -17,6 +17,12 @@ def _prefect_env(config: str) -> None:
         os.environ.setdefault(k, v)
     root = Path(config).resolve().parent
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / "data" / "cache" / "results"))
+    if "PREFECT_API_AUTH_STRING" not in os.environ:  # pointed at the project's stack: its password
+        from codeadapt import stack
+
+        auth = stack.auth_for(os.environ.get("PREFECT_API_URL"))
+        if auth:
+            os.environ["PREFECT_API_AUTH_STRING"] = auth
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -101,7 +107,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"{st['worker']['pid']} on pool {st['pool']!r}; logs in {stack.paths(home).logs}")
     print(f"UI: {st['url']}   stop with: codeadapt down")
     print("Point Prefect commands at it with:")
-    print(f"  {stack.env_line(st['api_url'])}")
+    print(f"  {stack.env_line(st['api_url'], home)}")
+    print(f"The UI and the API ask for the password in {stack.paths(home).auth_file} (user:password).")
     return 0
 
 

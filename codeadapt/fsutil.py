@@ -3,7 +3,7 @@
 A directory is built beside its target, fsynced, then swapped in with one
 `renameat2(RENAME_EXCHANGE)` where the kernel has it (no moment without a target), else by
 moving the old one aside first; a swap a kill interrupted is repaired by the next one. An
-output is published under an exclusive `flock` on `.<name>.lock` beside it, so two runs
+output is published under an exclusive `flock` on `.locks/<name>.lock` beside it, so two runs
 writing the same output take turns instead of colliding. Files that a later run reads back
 (JSON state, caches) are written to a temp file, fsynced and renamed; one that is truncated or
 corrupt anyway reads as missing (`read_json`), never as an error on every later run.
@@ -71,11 +71,11 @@ _held = threading.local()  # lock files this thread holds: taking one again is a
 
 @contextlib.contextmanager
 def locked(target: Path) -> Iterator[None]:
-    """Hold the exclusive lock of output `target` (`.<name>.lock` beside it), waiting for
-    another process or thread that holds it; re-entrant within one thread."""
+    """Hold the exclusive lock of output `target` (`.locks/<name>.lock` beside it), waiting
+    for another process or thread that holds it; re-entrant within one thread."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = str(target.parent.resolve() / f".{target.name}.lock")
+    (target.parent / ".locks").mkdir(parents=True, exist_ok=True)
+    lock = str(target.parent.resolve() / ".locks" / f"{target.name}.lock")
     held: set[str] = getattr(_held, "paths", None) or set()
     _held.paths = held
     if lock in held:

@@ -1,7 +1,10 @@
 """A local Prefect stack for the project: server + work pool + `gpu` limit + deployments + worker.
 
 `up` starts a Prefect server on 127.0.0.1 with SQLite under a project-local PREFECT_HOME
-(`.prefect/`), waits for `/api/health`, creates the `process` work pool and the `gpu` global
+(`.prefect/`), locked down: an API auth string generated into `<home>/api-auth` (mode 0600)
+that the server requires and the worker, deploy step and CLI send, CSRF protection on, and
+CORS limited to the server's own origin (a web page elsewhere cannot drive the API, which can
+start commands through the process work pool). It waits for `/api/health`, creates the `process` work pool and the `gpu` global
 concurrency limit, deploys `deployments/prefect.yaml` and starts a worker. Every process it
 starts is the leader of its own process group (session); their PIDs, start times and the URL
 go to `<home>/stack.json`. `down` stops exactly those process groups, plus any process they
@@ -14,8 +17,10 @@ a stack on a free port with a throwaway home.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -55,6 +60,10 @@ class StackPaths:
     def logs(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def auth_file(self) -> Path:
+        return self.home / "api-auth"
+
 
 def default_home() -> Path:
     return ROOT / ".prefect"
@@ -68,8 +77,31 @@ def api_url(port: int, host: str = HOST) -> str:
     return f"http://{host}:{port}/api"
 
 
-def env_line(url: str) -> str:
-    return f"export PREFECT_API_URL={url}"
+def env_line(url: str, home: Path | str | None = None) -> str:
+    """The shell lines that point Prefect commands at the stack (URL and auth string)."""
+    auth = paths(home).auth_file
+    return f"export PREFECT_API_URL={url} PREFECT_API_AUTH_STRING=\"$(cat {auth})\""
+
+
+def api_auth(home: Path | str | None = None) -> str:
+    """The stack's API auth string (`user:password`), generated on first use, readable only
+    by its owner."""
+    f = paths(home).auth_file
+    if not f.is_file():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"codeadapt:{secrets.token_urlsafe(24)}\n")
+    os.chmod(f, 0o600)
+    return f.read_text().strip()
+
+
+def auth_for(url: str | None, home: Path | str | None = None) -> str | None:
+    """The auth string of the stack in `home` if `url` is its API, else None."""
+    state = read_state(home)
+    if url and state and state.get("api_url") == url.rstrip("/") and paths(home).auth_file.is_file():
+        return api_auth(home)
+    return None
 
 
 # --------------------------------------------------------------------------- processes
@@ -148,13 +180,24 @@ def _group_members(pgid: int) -> list[int]:
     return [p for p in out if alive(p)]
 
 
+def _ours(p: dict[str, Any]) -> bool:
+    """Whether the live process at the recorded PID is the one we started: same start time, or,
+    where none was recorded, the same command line. Otherwise the PID may have been reused."""
+    if p.get("started"):
+        return alive(p["pid"], p["started"])
+    if not p.get("cmd") or not alive(p["pid"]):
+        return False
+    rows = _ps("args", pid=p["pid"])
+    return bool(rows) and rows[0][0].strip() == " ".join(p["cmd"])
+
+
 def stop_processes(procs: list[dict[str, Any]], timeout: float = 20.0) -> list[int]:
     """SIGTERM the process groups of `procs` (recorded {"pid", "started"}: session leaders we
     started) and of everything they spawned; SIGKILL whatever is left after `timeout`.
     Returns the PIDs that were live. A recorded PID now used by another process is left alone."""
     roots: list[int] = []
     for p in procs:
-        if alive(p["pid"], p.get("started")):
+        if _ours(p):
             roots.append(p["pid"])
         elif not alive(p["pid"]):  # leader gone; members of its group may remain (the PID
             roots += _group_members(p["pid"])  # cannot be reused while the group exists)
@@ -210,10 +253,18 @@ def _tail(log: Path | str, n: int = 25) -> str:
 
 # --------------------------------------------------------------------------- HTTP
 
-def _request(method: str, url: str, body: Any = None, timeout: float = 5.0) -> Any:
+def _request(method: str, url: str, body: Any = None, timeout: float = 5.0,
+             auth: str | None = None, headers: dict[str, str] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    head = {"Content-Type": "application/json", **(headers or {})}
+    if auth:
+        head["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        if method in {"POST", "PUT", "PATCH", "DELETE"}:  # CSRF protection: a token per client
+            api = url.split("/api/", 1)[0] + "/api"
+            client = f"codeadapt-{os.getpid()}"
+            token = _request("GET", f"{api}/csrf-token?client={client}", timeout=timeout, auth=auth)
+            head.update({"Prefect-Csrf-Token": token["token"], "Prefect-Csrf-Client": client})
+    req = urllib.request.Request(url, data=data, method=method, headers=head)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         text = resp.read().decode()
     return json.loads(text) if text else None
@@ -263,8 +314,12 @@ def stack_env(sp: StackPaths, url: str, port: int, extra: dict[str, str] | None 
     """Environment for everything the stack starts: project-local home, the API, no telemetry,
     results under the project (as `codeadapt run`) unless already set."""
     env = {**os.environ, **OFFLINE_ENV}
+    auth = api_auth(sp.home)
     env.update(PREFECT_HOME=str(sp.home), PREFECT_API_URL=url, PREFECT_SERVER_API_HOST=HOST,
-               PREFECT_SERVER_API_PORT=str(port), PWD=str(ROOT))
+               PREFECT_SERVER_API_PORT=str(port), PWD=str(ROOT),
+               PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_API_AUTH_STRING=auth,
+               PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true", PREFECT_CLIENT_CSRF_SUPPORT_ENABLED="true",
+               PREFECT_SERVER_CORS_ALLOWED_ORIGINS=f"http://{HOST}:{port}")
     env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(ROOT / "data" / "cache" / "results"))
     env.update(extra or {})
     return env
@@ -289,19 +344,19 @@ def _wait_healthy(url: str, server: dict[str, Any], timeout: float) -> None:
                      f"log {server['log']}:\n" + _tail(server["log"]))
 
 
-def provision(url: str, pool: str = DEFAULT_POOL) -> None:
+def provision(url: str, pool: str = DEFAULT_POOL, auth: str | None = None) -> None:
     """Create the `process` work pool and the `gpu` limit if missing (existing ones are kept)."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
     from tasks.ml import ensure_gpu_limit
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}):
         with get_client(sync_client=True) as client:
             try:
                 client.read_work_pool(pool)
@@ -346,7 +401,7 @@ def deploy(sp: StackPaths, env: dict[str, str], prefect_file: Path, timeout: flo
         raise StackError(f"`prefect deploy` failed (exit {rc}); log {log}:\n" + _tail(log))
 
 
-def _wait_worker(url: str, pool: str, worker: dict[str, Any], timeout: float) -> None:
+def _wait_worker(url: str, pool: str, worker: dict[str, Any], timeout: float, auth: str | None) -> None:
     """Until the work pool reports a worker online (its first heartbeat)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -354,7 +409,7 @@ def _wait_worker(url: str, pool: str, worker: dict[str, Any], timeout: float) ->
             raise StackError(f"the worker exited during start-up; log {worker['log']}:\n"
                              + _tail(worker["log"]))
         try:
-            if _request("GET", f"{url}/work_pools/{pool}").get("status") == "READY":
+            if _request("GET", f"{url}/work_pools/{pool}", auth=auth).get("status") == "READY":
                 return
         except (OSError, urllib.error.URLError, ValueError):
             pass
@@ -366,7 +421,7 @@ def _wait_worker(url: str, pool: str, worker: dict[str, Any], timeout: float) ->
 def start_worker(sp: StackPaths, env: dict[str, str], url: str, pool: str, timeout: float = 120) -> dict[str, Any]:
     worker = _spawn(_prefect("worker", "start", "--pool", pool, "--type", "process"),
                     sp.logs / "worker.log", env, ROOT)
-    _wait_worker(url, pool, worker, timeout)
+    _wait_worker(url, pool, worker, timeout, env.get("PREFECT_API_AUTH_STRING"))
     return worker
 
 
@@ -429,7 +484,7 @@ def up(port: int = DEFAULT_PORT, home: Path | str | None = None, pool: str = DEF
     try:
         _wait_healthy(url, server, timeout)
         say("server healthy; creating the work pool and the `gpu` limit ...")
-        provision(url, pool)
+        provision(url, pool, api_auth(sp.home))
         pf = render_prefect_file(sp.home / "prefect.yaml", pool, cron, timezone)
         say(f"deploying {os.path.relpath(pf, ROOT) if pf.is_relative_to(ROOT) else pf} ...")
         deploy(sp, penv, pf)
@@ -472,15 +527,17 @@ def status(home: Path | str | None = None) -> dict[str, Any]:
     }
     if out["healthy"]:
         try:
-            flows = {f["id"]: f["name"] for f in _request("POST", f"{state['api_url']}/flows/filter", {})}
-            for d in _request("POST", f"{state['api_url']}/deployments/filter", {}):
+            auth = api_auth(sp.home)
+            flows = {f["id"]: f["name"] for f in _request("POST", f"{state['api_url']}/flows/filter", {}, auth=auth)}
+            for d in _request("POST", f"{state['api_url']}/deployments/filter", {}, auth=auth):
                 scheds = [f"{s['schedule'].get('cron') or s['schedule']} "
                           f"{s['schedule'].get('timezone') or ''}".strip()
                           + ("" if s.get("active", True) else " (inactive)") for s in d.get("schedules", [])]
                 out["deployments"].append({"name": f"{flows.get(d['flow_id'], '?')}/{d['name']}",
                                            "pool": d.get("work_pool_name"), "paused": d.get("paused"),
                                            "schedules": scheds})
-            out["pool_status"] = _request("GET", f"{state['api_url']}/work_pools/{state['pool']}").get("status")
+            out["pool_status"] = _request("GET", f"{state['api_url']}/work_pools/{state['pool']}",
+                                          auth=auth).get("status")
         except (OSError, urllib.error.URLError, ValueError) as exc:
             out["error"] = str(exc)
     return out
@@ -508,5 +565,5 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  {d['name']:<16} {how}{sched}" + ("  PAUSED" if d["paused"] else ""))
     if st.get("error"):
         lines.append(f"(could not list deployments: {st['error']})")
-    lines.append(env_line(st["api_url"]))
+    lines.append(env_line(st["api_url"], st["home"]))
     return "\n".join(lines)

@@ -49,7 +49,7 @@ def test_concurrent_writers_and_a_reader_never_find_the_output_missing(tmp_path:
     reader.join()
     assert [p.exitcode for p in procs] == [0, 0]
     assert seen["reads"] > 50 and seen["missing"] == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"out", ".out.lock"}  # no temp or .old left
+    assert {p.name for p in tmp_path.iterdir()} == {"out", ".locks"}  # no temp or .old left
 
 
 def test_a_swap_killed_after_moving_the_old_output_aside_is_repaired(tmp_path: Path) -> None:

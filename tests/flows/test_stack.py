@@ -8,6 +8,7 @@ for the `from conftest import ...` lines of the other test modules, hence this m
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +60,12 @@ class LiveStack:
     def cli_env(self) -> dict[str, str]:
         """A user's shell after `export PREFECT_API_URL=...`."""
         return {**os.environ, **stack.OFFLINE_ENV, "PREFECT_API_URL": self.api_url,
+                "PREFECT_API_AUTH_STRING": stack.api_auth(self.home),
                 "PREFECT_HOME": str(self.home), "COLUMNS": "200"}
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        return stack._request(method, f"{self.api_url}{path}", body, timeout=30)
+        return stack._request(method, f"{self.api_url}{path}", body, timeout=30,
+                              auth=stack.api_auth(self.home))
 
     def log(self, name: str, n: int = 60) -> str:
         return stack._tail(self.home / "logs" / f"{name}.log", n)
@@ -188,6 +192,29 @@ def test_up_status_and_a_second_up_is_harmless(live_stack: LiveStack, monkeypatc
     out = capsys.readouterr().out
     assert f"server:  {live_stack.url}" in out and "healthy" in out and "nightly/nightly" in out
     assert f"export PREFECT_API_URL={live_stack.api_url}" in out
+
+    # Locked down: the API wants the generated password (0600), a state change wants a CSRF
+    # token, and a page from another origin gets no CORS grant.
+    assert (live_stack.home / "api-auth").stat().st_mode & 0o777 == 0o600
+    for kwargs, code in (({}, 401), ({"auth": "codeadapt:wrong"}, 401),
+                         ({"auth": stack.api_auth(live_stack.home), "headers": {}}, None)):
+        try:
+            stack._request("GET", f"{live_stack.api_url}/work_pools/codeadapt", **kwargs)
+            assert code is None
+        except urllib.error.HTTPError as exc:
+            assert exc.code == code, kwargs
+    no_csrf = urllib.request.Request(
+        f"{live_stack.api_url}/flows/filter", data=b"{}", method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(
+            stack.api_auth(live_stack.home).encode()).decode()})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(no_csrf, timeout=10)
+    assert info.value.code == 403
+    for origin, allowed in (("http://evil.example", False), (live_stack.url, True)):
+        req = urllib.request.Request(f"{live_stack.api_url}/health", headers={"Origin": origin})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert (resp.headers.get("Access-Control-Allow-Origin") == origin) is allowed, origin
+            assert resp.headers.get("Access-Control-Allow-Origin") != "*"
 
     again = live_stack.up()
     assert again.already_running and "already running" in again.notes[0]
