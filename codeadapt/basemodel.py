@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from codeadapt.base import BASE_VERSION
+from codeadapt.secrets import redact_text
 
 MAX_CODE_BYTES = 3_000_000  # enough for a 4k vocab; more only slows the BPE trainer
 
@@ -47,7 +48,7 @@ def code_texts(checkouts: Iterable[Path], limit: int = MAX_CODE_BYTES) -> Iterat
             if used + len(text) > limit:
                 return
             used += len(text)
-            yield text
+            yield redact_text(text)[0]  # the tiny tokenizer's corpus is written to disk
 
 
 def tokenizer_corpus(base_data: Path, checkouts: Iterable[Path]) -> list[str]:

@@ -17,6 +17,34 @@ PLUGINS = (
     "SendGridDetector", "SlackDetector", "SoftlayerDetector", "SquareOAuthDetector",
     "StripeDetector", "TelegramBotTokenDetector", "TwilioKeyDetector",
 )
+# Shapes detect-secrets misses, each redacted whole (or only the group named `s`): current
+# provider token formats, credentials inside URLs, quoted literals assigned to a credential
+# name (Django's SECRET_KEY, `password = "..."`, hex API keys), JWTs, and a PEM body whose
+# BEGIN line is gone.
+EXTRA = tuple(re.compile(p) for p in (
+    r"\bsk-ant-[A-Za-z0-9_-]{20,}",
+    r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{32,}",
+    r"\bgithub_pat_[A-Za-z0-9_]{22,}",
+    r"\bgh[pousr]_[A-Za-z0-9]{36,}",
+    r"\bglpat-[A-Za-z0-9_-]{20,}",
+    r"\bAIza[0-9A-Za-z_-]{35}",
+    r"\bhf_[A-Za-z0-9]{30,}",
+    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{20,}",
+    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+    r"(?<=://)(?P<s>[^/\s:@'\"]*:[^/\s@'\"]+)(?=@)",
+    r"(?i)\b(?:password|passwd|pwd|secret(?:_key)?|api_?key|access_?token|auth_?token|private_?key|"
+    r"client_?secret)\w*['\"]?\s*[:=]\s*[rbu]?(?P<q>['\"])(?P<s>[^'\"\s]{8,})(?P=q)",
+    r"(?m)(?:^[A-Za-z0-9+/]{60,76}\r?\n){3,}(?:^[A-Za-z0-9+/]{1,76}={0,2}\r?\n?)?",
+))
+
+
+def _sub_secret(pat: re.Pattern[str], text: str) -> tuple[str, int]:
+    if "s" not in pat.groupindex:
+        return pat.subn(REDACTED, text)
+    return pat.subn(lambda m: m.string[m.start():m.start("s")] + REDACTED + m.string[m.end("s"):m.end()], text)
+
+
 PRIVATE_KEY_BLOCK = re.compile(
     r"-----BEGIN[A-Z ]* PRIVATE KEY[A-Z ]*-----.*?(?:-----END[A-Z ]* PRIVATE KEY[A-Z ]*-----|\Z)", re.S
 )
@@ -37,10 +65,18 @@ def _patterns() -> tuple[re.Pattern[str], ...]:
 def redact_text(text: str) -> tuple[str, int]:
     """`text` with every secret replaced, and how many were replaced."""
     text, n = PRIVATE_KEY_BLOCK.subn(REDACTED, text)
+    for pat in EXTRA:  # first: a whole JWT, before a detector takes only its head
+        text, k = _sub_secret(pat, text)
+        n += k
     for pat in _patterns():
         text, k = pat.subn(REDACTED, text)
         n += k
     return text, n
+
+
+def redact_url(url: str) -> str:
+    """A URL without the credentials in its user-info part (`https://user:token@host/...`)."""
+    return re.sub(r"(?<=://)[^/\s@]+(?=@)", REDACTED, url)
 
 
 def redact(obj: Any) -> tuple[Any, int]:

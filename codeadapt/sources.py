@@ -17,6 +17,7 @@ import git
 from codeadapt.config import SourceSpec, check_name, check_ref, check_url
 from codeadapt.fsutil import locked
 from codeadapt.records import Checkout
+from codeadapt.secrets import redact_url
 
 SNAPSHOT_DATE = "2000-01-01T00:00:00+0000"
 SNAPSHOT_IDENTITY = {"name": "codeadapt", "email": "codeadapt@localhost"}
@@ -50,7 +51,7 @@ def sync_source(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path
 def _sync_source(name: str, spec: SourceSpec, dest: Path, project_root: Path) -> Checkout:
     if spec.kind == "git":
         commit = _sync_git(name, spec.url or "", spec.ref, dest)
-        origin = spec.url or ""
+        origin = redact_url(spec.url or "")  # never a token in manifests, cards or logs
     elif spec.kind == "installed":
         files, version = _installed_files(name, spec.dist or "")
         commit = _snapshot(dest, files, f"snapshot of {spec.dist} {version}")

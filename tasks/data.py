@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from codeadapt import chat, dataset, examples, extract, handwritten, html_domain
 from codeadapt.budget import Budget
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
+from codeadapt.secrets import redact, redact_text, redact_url
 
 
 def _key(*parts: object) -> str:
@@ -60,13 +62,25 @@ def extract_repo(checkout: Checkout, max_file_bytes: int) -> Extraction:
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="make_examples[{checkout.name}]")
 def make_examples(checkout: Checkout, extraction: Extraction, quotas: dict[str, int],
                   limits: examples.Limits, seed: str) -> tuple[list[Example], dict[str, int]]:
-    return examples.python_examples(Path(checkout.path), extraction, quotas, limits, seed)
+    return _redacted(examples.python_examples(Path(checkout.path), extraction, quotas, limits, seed))
+
+
+def _redacted(made: tuple[list[Example], dict[str, int]]) -> tuple[list[Example], dict[str, int]]:
+    """Examples with secrets redacted before Prefect persists them as a task result (the
+    dataset build redacts again, and replays against redacted tool output)."""
+    exs, stats = made
+    out = []
+    for ex in exs:
+        msgs, n = redact(list(ex.messages))
+        stats["secrets_redacted_at_generation"] = stats.get("secrets_redacted_at_generation", 0) + n
+        out.append(replace(ex, messages=tuple(msgs)) if n else ex)
+    return out, stats
 
 
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="html_examples[{checkout.name}]")
 def html_examples(checkout: Checkout, seed: str, split: tuple[float, float, str] | None = None
                   ) -> tuple[list[Example], dict[str, int]]:
-    return html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed, split)
+    return _redacted(html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed, split))
 
 
 @task(task_run_name="load_handwritten[{path.name}]")
@@ -83,4 +97,4 @@ def build_dataset(phase: str, items: list[Example], checkouts: dict[str, Checkou
 
 def failure_of(name: str, spec: SourceSpec, exc: BaseException) -> SyncFailure:
     origin = spec.url or spec.dist or spec.path or ""
-    return SyncFailure(name=name, origin=origin, error=str(exc))
+    return SyncFailure(name=name, origin=redact_url(origin), error=redact_text(str(exc))[0])

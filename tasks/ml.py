@@ -21,6 +21,7 @@ from prefect.concurrency.sync import concurrency
 from codeadapt import basemodel, report, train
 from codeadapt.config import AgenticSpec, EvalSpec, TrainSpec
 from codeadapt.fsutil import read_json, replace_dir, write_json
+from codeadapt.secrets import redact
 
 GPU_LIMIT = "gpu"  # one slot: "single-GPU-equivalent"; two trainings never share a device
 
@@ -155,6 +156,7 @@ def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[st
 
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         result = run_in_worker(kind, payload)
+    result, _ = redact(result)  # model output and tool results quote repository text
     write_json(cached, result, indent=None)
     return result
 
@@ -181,7 +183,7 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
         get_run_logger().info("%s: same model, adapter, prompts and spec as %s; not generating "
                               "again (scored again with the current scorer)", label, cached)
         prompts = eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir)
-        return rescore(stored, prompts, spec)
+        return redact(rescore(stored, prompts, spec))[0]
     result = _in_slot_stored("eval", payload, cached)
     m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
     get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
@@ -223,7 +225,7 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
     get_run_logger().info("%s: agentic task success %.1f%% [%.1f, %.1f] on %d tasks, %.2f calls/task",
                           label, 100 * a["success"], 100 * a["lo"], 100 * a["hi"], a["n"],
                           a["calls_per_task"] or 0)
-    return result
+    return redact(result)[0]
 
 
 @task(task_run_name="evaluate[rules]")
@@ -238,7 +240,7 @@ def evaluate_rules(data_dir: Path, repos_dir: Path, spec: EvalSpec, fixed_set: P
     m = result["metrics"]["tool_call"]
     get_run_logger().info("rules: tool-call accuracy %.1f%% [%.1f, %.1f] on %d prompts",
                           100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"], result["prompts"])
-    return result
+    return redact(result)[0]
 
 
 @task(task_run_name="promote[{current.name}]")

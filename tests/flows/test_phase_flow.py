@@ -77,8 +77,9 @@ def test_splits_are_stable_across_phases_dedup_holds_and_files_do_not_leak(built
         keys = [content_key(Example(tuple(r["messages"]), (), "", "", "", 0, 0, "", "")) for _, r in pairs]
         assert len(keys) == len(set(keys))
         group_split: dict[tuple[str, str], str] = {}
-        for e, _ in pairs:
-            assert group_split.setdefault((e["source"], e["path"]), e["split"]) == e["split"]
+        for e, _ in pairs:  # the group: the file, or the definition in svcs (split.by_symbol)
+            assert e["group"] == e["path"] or (e["source"] == "svcs" and e["group"].startswith(e["path"] + ":"))
+            assert group_split.setdefault((e["source"], e["group"]), e["split"]) == e["split"]
 
 
 def test_datasets_load_through_mlx_lm_with_a_chat_template(built: Path, tmp_path: Path):
@@ -168,3 +169,53 @@ def test_cli_rejects_a_source_name_that_escapes(tmp_path: Path, capsys):
     cfg.write_text('[groups.g]\n[phases.phase5]\ngroups=["g"]\n[sources."../x"]\nkind="path"\npath="."\ngroup="g"\n')
     assert main(["run", "phase5", "--config", str(cfg)]) == 2
     assert "invalid source name '../x'" in capsys.readouterr().err
+
+
+FAKE_SECRETS = {
+    "password": "hunter2-correct-horse-battery",
+    "SECRET_KEY": "django-insecure-q8w7e6r5t4y3u2i1o0p9",
+    "API_KEY": "0123456789abcdef0123456789abcdef",
+    "GITHUB": "ghp_" + "Ab1Cd2Ef3Gh4Ij5Kl6Mn7Op8Qr9St0Uv1Wx2",
+    "ANTHROPIC": "sk-ant-api03-" + "Zq7" * 14,
+    "AWS": "AKIAIOSFODNN7EXAMPLE",
+    "REDIS": "redis://:s3cr3t-redis-pass@cache:6379/0",
+    "JWT": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+}
+
+
+def test_fake_credentials_in_a_repository_reach_no_output(prefect_server, tmp_path: Path):
+    """Every class holds credentials of common shapes; after a data build none of them is in
+    any file under data/ or in Prefect's persisted task results."""
+    from flows.phase import phase5
+
+    body = "".join(f'    {k.lower()} = "{v}"\n' for k, v in FAKE_SECRETS.items())
+    files = {f"vault/c{i}.py": f'class Store{i}:\n    """Keeps the credentials of service {i} for the demo."""\n\n'
+             f"{body}\n    def get{i}(self):\n        return self.password\n" for i in range(6)}
+    make_repo(tmp_path / "up" / "vault", files)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f"""
+[paths]
+data = "{tmp_path / 'data'}"
+repos = "{tmp_path / 'data' / 'repos'}"
+[groups.g]
+budget = {{ grep = 6, read = 6, explain = 4 }}
+[phases.phase5]
+groups = ["g"]
+[sources]
+vault = {{ kind = "git", url = "{tmp_path / 'up' / 'vault'}", ref = "main", group = "g" }}
+""")
+    result = phase5(config=str(cfg), models=False)["phase5"]
+    assert not result["failed_sources"]
+    m = json.loads((tmp_path / "data" / "phase5" / "manifest.json").read_text())
+    assert any(k.startswith("read_") for k in m["counts"]["kind"])  # the class bodies were read
+    assert m["stats"]["vault"]["secrets_redacted_at_generation"] > 0
+    sinks = [tmp_path / "data" / p for p in ("phase5", "cache")] + [Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])]
+    scanned = 0
+    for sink in sinks:
+        for f in (p for p in sink.rglob("*") if p.is_file()) if sink.is_dir() else []:
+            blob = f.read_bytes()
+            scanned += 1
+            for name, value in FAKE_SECRETS.items():
+                secret = value.split("://:")[-1].split("@")[0] if name == "REDIS" else value
+                assert secret.encode() not in blob, (name, f)
+    assert scanned >= 5
