@@ -63,7 +63,7 @@ def test_build_writes_splits_manifest_card_and_drops_bad_replays(tmp_path: Path)
         assert by_path.setdefault((e["source"], e["path"]), e["split"]) == e["split"]
         assert e["split"] == split_of(e["source"], e["path"], 0.2, 0.2, "s")
     assert "# Dataset card: p" in (out / "README.md").read_text()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".") and p.name != ".locks"]
 
 
 def test_rebuild_replaces_atomically_and_keeps_old_on_failure(tmp_path: Path, monkeypatch):
@@ -85,7 +85,7 @@ def test_rebuild_replaces_atomically_and_keeps_old_on_failure(tmp_path: Path, mo
     except RuntimeError:
         pass
     assert (out / "manifest.json").read_text() == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".locks"] == []
 
 
 def test_secrets_are_redacted_and_still_replay(tmp_path: Path):
