@@ -1,5 +1,6 @@
 """The Prefect UI served by `codeadapt up` renders a phase7 deployment run's page, checked
-with Debian's headless chromium (`apt-get install chromium`; scripts/setup.sh installs it).
+with Debian's headless chromium (`apt-get install chromium`; scripts/setup.sh installs it), in its new headless mode (the old one denies
+localStorage, where the UI keeps the password).
 
 Shares the stack and the run with test_stack.py; when that module's last test has brought the
 stack down, `up()` starts it again on the same home: the run is read back from its SQLite DB."""
@@ -27,7 +28,7 @@ pytestmark = [
                        reason="Debian's chromium is not installed (apt-get install chromium; "
                               "scripts/setup.sh installs it)"),
 ]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--virtual-time-budget=15000"]
 
