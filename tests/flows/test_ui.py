@@ -67,11 +67,16 @@ def sign_in(tmp_path: Path, origin: str, auth: str) -> None:
             time.sleep(0.5)
         assert page, "chromium did not open the UI"
         with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
-            ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {
-                "expression": f"localStorage.setItem('prefect-password', btoa({json.dumps(auth)})); "
-                              "localStorage.getItem('prefect-password')"}}))
-            while (msg := json.loads(ws.recv(timeout=30))).get("id") != 1:
-                pass
+            # A fresh profile denies localStorage for a moment after start-up: ask again.
+            for i in range(1, 41):
+                ws.send(json.dumps({"id": i, "method": "Runtime.evaluate", "params": {
+                    "expression": f"localStorage.setItem('prefect-password', btoa({json.dumps(auth)})); "
+                                  "localStorage.getItem('prefect-password')"}}))
+                while (msg := json.loads(ws.recv(timeout=30))).get("id") != i:
+                    pass
+                if msg["result"]["result"].get("value"):
+                    break
+                time.sleep(0.5)
             assert msg["result"]["result"].get("value"), msg
     finally:
         try:
