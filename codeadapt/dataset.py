@@ -9,7 +9,9 @@ gets its share and all examples about one definition still share a split.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -20,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from codeadapt import chat
+from codeadapt import chat, tools
 from codeadapt.budget import Budget, fit, length_stats, load_counter, samples
 from codeadapt.card import data_card, question_stats
 from codeadapt.fsutil import locked, read_json, replace_dir
@@ -95,23 +97,34 @@ def replay_mismatches(example: Example, root: Path | str) -> list[int]:
 
 def prepare(examples: Iterable[Example], checkouts: dict[str, Checkout],
             stats: Counter[str]) -> list[Example]:
-    """Redact, then keep only examples whose every tool result replays on its checkout."""
-    out = []
-    for ex in examples:
-        co = checkouts.get(ex.source)
-        if co is None:
-            stats["dropped_source_unavailable"] += 1
-            continue
-        if not ex.commit:
-            ex = replace(ex, commit=co.commit)
-        msgs, n = redact(list(ex.messages))
-        stats["secrets_redacted"] += n
-        ex = replace(ex, messages=tuple(msgs))
-        if ex.commit != co.commit or replay_mismatches(ex, co.path):
-            stats["dropped_replay_mismatch"] += 1
-            continue
-        out.append(ex)
-    return out
+    """Redact, then keep only examples whose every tool result replays on its checkout.
+    Replayed source by source, each under one grep index of its checkout; order is kept."""
+    examples = list(examples)
+    kept: dict[int, Example] = {}
+    by_source = sorted(range(len(examples)), key=lambda i: examples[i].source)
+    for source, idxs in itertools.groupby(by_source, key=lambda i: examples[i].source):
+        co = checkouts.get(source)
+        with tools.indexed(co.path) if co is not None else contextlib.nullcontext():
+            for i in idxs:
+                ex = _prepared(examples[i], co, stats)
+                if ex is not None:
+                    kept[i] = ex
+    return [kept[i] for i in sorted(kept)]
+
+
+def _prepared(ex: Example, co: Checkout | None, stats: Counter[str]) -> Example | None:
+    if co is None:
+        stats["dropped_source_unavailable"] += 1
+        return None
+    if not ex.commit:
+        ex = replace(ex, commit=co.commit)
+    msgs, n = redact(list(ex.messages))
+    stats["secrets_redacted"] += n
+    ex = replace(ex, messages=tuple(msgs))
+    if ex.commit != co.commit or replay_mismatches(ex, co.path):
+        stats["dropped_replay_mismatch"] += 1
+        return None
+    return ex
 
 
 def dedup(examples: list[Example], stats: Counter[str]) -> list[tuple[str, Example]]:

@@ -395,8 +395,9 @@ def python_examples(root: Path, extraction: Extraction, quotas: dict[str, int],
     """Up to `quotas[grep|read|explain]` grounded examples for one checkout, plus stats."""
     ctx = Ctx(Path(root), extraction.source, extraction.commit, extraction, limits, seed, Counter())
     out: list[Example] = []
-    for family, kinds in (("grep", GREP_KINDS), ("read", READ_KINDS), ("explain", EXPLAIN_KINDS)):
-        out += _take(ctx, kinds, quotas.get(family, 0))
+    with tools.indexed(root):
+        for family, kinds in (("grep", GREP_KINDS), ("read", READ_KINDS), ("explain", EXPLAIN_KINDS)):
+            out += _take(ctx, kinds, quotas.get(family, 0))
     ctx.stats["examples"] = len(out)
     for ex in out:
         ctx.stats[f"kind_{ex.kind}"] += 1

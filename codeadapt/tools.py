@@ -4,17 +4,22 @@ would not give."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import functools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # `regex` (re-compatible syntax) because its searches take a timeout: a model's pattern can
 # backtrack catastrophically, and evaluation runs the model's calls.
 import regex as re
+
+from codeadapt import grepindex
 
 MAX_GREP_MATCHES = 50
 MAX_LINE_CHARS = 200
@@ -93,51 +98,52 @@ def _text_lines(file: Path) -> list[str] | None:
 
 @functools.lru_cache(maxsize=8192)
 def _decoded(file: str, mtime_ns: int, size: int) -> list[str] | None:
-    """Cached on (path, mtime, size): the generator and the replay grep the same trees often."""
+    """Cached on (path, mtime, size): read_file is called on the same files often."""
     try:
-        data = Path(file).read_bytes()
+        return grepindex.decode(Path(file).read_bytes())
     except OSError:
         return None
-    if b"\0" in data[:8192]:
-        return None
+
+
+class _Lazy:
+    """A checkout's index, built by the first grep that needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self._index = root, None
+
+    def get(self) -> grepindex.TreeIndex:
+        if self._index is None:
+            self._index = grepindex.TreeIndex(self.root, MAX_FILE_BYTES)
+        return self._index
+
+
+_INDEX: contextvars.ContextVar[_Lazy | None] = contextvars.ContextVar("grep_index", default=None)
+
+
+@contextlib.contextmanager
+def indexed(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Greps under `root` inside this block read its files from one index, built by the first
+    of them (the tree must not change inside the block): example generation and replay run
+    hundreds of greps over one pinned checkout."""
+    token = _INDEX.set(_Lazy(Path(root).resolve()))
     try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        return None
+        yield
+    finally:
+        _INDEX.reset(token)
 
 
-_FLAGS_OFF = re.compile(r"\(\?[a-zA-Z]*-")  # (?-m), (?i-m:...): a flag turned off inside the pattern
-
-
-def _prefilter(pattern: str) -> re.Pattern[str] | None:
-    """A whole-file regex that matches whenever some line does, to skip most files quickly."""
-    if any(tok in pattern for tok in ("\\A", "\\Z", "(?<", "(?m", "(?s")) or _FLAGS_OFF.search(pattern):
-        return None
-    try:
-        return re.compile(pattern, re.MULTILINE)
-    except (re.error, OverflowError, ValueError):
-        return None
-
-
-def _walk(root: Path, start: Path, glob: str | None) -> list[Path]:
-    """Regular files under `start` (never via a symlink), sorted by relative path."""
+def _files(root: Path, start: Path, glob: str | None) -> list[grepindex.TextFile]:
+    """The text files grep searches under `start`, sorted by relative path."""
+    index = _INDEX.get()
     if start.is_file():
-        files = [start]
-    else:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
-            dirnames[:] = [d for d in dirnames if d != ".git"]
-            for name in filenames:
-                p = Path(dirpath, name)
-                if not p.is_symlink() and p.is_file():
-                    files.append(p)
-    if glob:
-        files = [f for f in files if fnmatch.fnmatch(f.name, glob)]
-    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
-
-
-def _left(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.001)
+        tf = grepindex.read_text_file(start, start.relative_to(root).as_posix(), MAX_FILE_BYTES)
+        return grepindex.select([tf] if tf else [], glob)
+    if index is not None and index.root == root:
+        return grepindex.select(index.get().under(start), glob)
+    files = (grepindex.read_text_file(p, p.relative_to(root).as_posix(), MAX_FILE_BYTES)
+             for p in grepindex.walk(start)
+             if not glob or fnmatch.fnmatch(p.name, glob))
+    return sorted((f for f in files if f is not None), key=lambda f: f.rel)
 
 
 MAX_PATTERN_CHARS = 1000
@@ -193,22 +199,15 @@ def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str 
         raise ToolError(f"path {path!r} is a symlink")
     hits: list[str] = []
     total = 0
-    quick = _prefilter(pattern)
-    for file in _walk(root_p, start, glob):
-        lines = _text_lines(file)
-        if lines is None:
-            continue
-        try:
-            if quick is not None and not quick.search("\n".join(lines), timeout=_left(deadline)):
-                continue
-            matched = [n for n, line in enumerate(lines, 1) if regex.search(line, timeout=_left(deadline))]
-        except TimeoutError:
-            raise ToolError(f"pattern {pattern!r} took longer than {GREP_TIMEOUT_S:g} s") from None
-        rel = file.relative_to(root_p).as_posix()
-        for n in matched:
-            total += 1
-            if len(hits) < MAX_GREP_MATCHES:
-                hits.append(f"{rel}:{n}:{lines[n - 1][:MAX_LINE_CHARS]}")
+    whole = re.compile(pattern, re.MULTILINE) if grepindex.scannable(pattern) else None
+    try:
+        for f in _files(root_p, start, glob):
+            for n, line in grepindex.matching_lines(regex, whole, f, deadline):
+                total += 1
+                if len(hits) < MAX_GREP_MATCHES:
+                    hits.append(f"{f.rel}:{n}:{line[:MAX_LINE_CHARS]}")
+    except TimeoutError:
+        raise ToolError(f"pattern {pattern!r} took longer than {GREP_TIMEOUT_S:g} s") from None
     if not hits:
         return "No matches."
     if total > len(hits):

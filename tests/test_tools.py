@@ -218,3 +218,74 @@ def test_control_tokens_in_repository_text_are_escaped(tmp_path: Path):
     tok = gguf.gguf_tokenizer(gguf.read_gguf(path)[1])
     ids = tok.encode(tools.escape_specials("<|im_start|>x<|im_end|>")).ids
     assert not {1, 2} & set(ids)
+
+
+def _per_line_grep(root: Path, pattern: str) -> list[str]:
+    """The reference: every line of every text file, searched on its own."""
+    import regex
+
+    rx, out = regex.compile(pattern), []
+    for p in sorted((p for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
+                    key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            lines = p.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            continue
+        out += [f"{p.relative_to(root).as_posix()}:{n}:{line[:tools.MAX_LINE_CHARS]}"
+                for n, line in enumerate(lines, 1) if rx.search(line)]
+    return out
+
+
+EDGE_FILES = {
+    "empty.py": "", "blank.py": "\n", "blanks.py": "\n\n\nx\n\n", "crlf.py": "a = 1\r\nb = 2\r\n",
+    "seps.py": "a\u2028b\x0cc\x85d = 1\n", "noeol.py": "def f():\n    return 1",
+    "deep/k.py": "class K(Base):\n    pass\n\n\n# end  \n", "uni.py": "ä = 'ü'\nclass Ö:\n  pass\n",
+}
+TRICKY = [r"", r"^", r"$", r"^$", r"^\s*$", r"\s*$", r"x*", r"\n", r"\s+", r"[^a]+$", r"^\w", r"\bclass\b",
+          r"(?i)CLASS", r"(?-m)^class", r"(?s).*", r"a(?=\s*$)", r"(?<=K)\(", r"[ ]++$", r"(?>\s*)$",
+          r"\A\w", r"\Z", r"\Gdef", r"(a|b) = (1|2)$", r"(?:pass|end)\s*", r"(\w)\1", r"^(?P<x>\w)",
+          r"d = 1$", r"\bb\b", r"(?x) c l a s s", r"(?m)^x$", r"^\s+pass", r"(?!class)\w+:$",
+          r"(?:ab){e<=1}", r"^.{0,3}$", r"(?i:ö)"]
+
+
+@pytest.mark.parametrize("pattern", TRICKY)
+def test_grep_equals_a_per_line_search_with_and_without_an_index(tmp_path: Path, pattern: str):
+    """Asserts: the whole-text scan (with the checkout index and without) reports exactly the
+    lines a line-by-line search does, on edge-case files (empty, blank, CRLF, Unicode line
+    separators, no final newline) and patterns that defeat a whole-text scan (lookaround,
+    possessive, string anchors, inline flags, fuzzy)."""
+    for rel, text in EDGE_FILES.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(text.encode())
+    def shown(hits: list[str]) -> str:
+        out = hits[:tools.MAX_GREP_MATCHES]
+        if len(hits) > len(out):
+            out.append(f"... {len(hits) - len(out)} more matches not shown")
+        return "\n".join(out) or "No matches."
+
+    every = _per_line_grep(tmp_path, pattern)
+    want, want_deep = shown(every), shown([h for h in every if h.startswith("deep/")])
+    assert tools.grep(tmp_path, pattern) == want
+    assert tools.grep(tmp_path, pattern, path="deep") == want_deep
+    with tools.indexed(tmp_path):
+        assert tools.grep(tmp_path, pattern) == want
+        assert tools.grep(tmp_path, pattern, path="deep") == want_deep
+
+
+def test_grep_index_matches_a_fresh_walk_on_installed_sources():
+    """Asserts: on a real package tree (the installed `prefect`), 30 definition and usage
+    searches give the same text with the index as with a fresh walk, for the whole tree, a
+    subdirectory and a glob."""
+    import random
+
+    import prefect
+
+    root = Path(prefect.__file__).parent
+    names = sorted({p.stem for p in root.rglob("*.py")})
+    rng = random.Random(1)
+    cases = [(rf"^\s*(class|def|async def) {n}\b", ".", None) for n in rng.sample(names, 10)]
+    cases += [(rf"\b{n}\b", "client", "*.py") for n in rng.sample(names, 10)]
+    cases += [(rf"import .*\b{n}\b", "server", None) for n in rng.sample(names, 10)]
+    fresh = [tools.grep(root, p, path, glob) for p, path, glob in cases]
+    with tools.indexed(root):
+        assert [tools.grep(root, p, path, glob) for p, path, glob in cases] == fresh
