@@ -242,6 +242,8 @@ class RunnerSpec(Strict):
     address: str | None = Field(None, description="dask: scheduler of an existing cluster, tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024, description="dask: workers of the local cluster")
     max_workers: int = Field(8, ge=1, le=1024, description="threads: pool size")
+    processes: int = Field(0, ge=0, le=1024, description="threads: worker processes for parsing and "
+                           "example generation (0: one per core, 1: none)")
 
 
 class ProfileSpec(Strict):

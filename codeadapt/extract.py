@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from functools import cache
 from importlib import resources
@@ -371,30 +371,56 @@ def _read(path: Path, max_file_bytes: int) -> tuple[bytes, str]:
     return data, ""
 
 
+CHUNK_BYTES = 2_000_000  # a parse task's share of a big checkout: spreads it over processes
+
+
 def extract_checkout(
-    root: Path, source: str, commit: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    root: Path, source: str, commit: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    starmap: Callable[..., list[Any]] | None = None,
 ) -> Extraction:
-    """Extract every `*.py` file under root; skipped files are counted in stats by reason."""
+    """Extract every `*.py` file under root; skipped files are counted in stats by reason.
+    `starmap` (e.g. `parallel.starmap`) runs the chunks of files, each about CHUNK_BYTES, in
+    other processes; the result is the same as in order here."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"checkout root {str(root)!r} is not a directory")
     if max_file_bytes <= 0:
         raise ValueError(f"max_file_bytes must be positive, got {max_file_bytes}")
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for path in python_files(root):
+        if size >= CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(path.relative_to(root).as_posix())
+        try:
+            size += os.lstat(path).st_size
+        except OSError:
+            pass
+    run = starmap or (lambda fn, arglists: [fn(*a) for a in arglists])
     stats = dict.fromkeys(STAT_KEYS, 0)
     files: list[FileInfo] = []
-    for path in python_files(root):
-        stats[FILES_SEEN] += 1
-        data, dropped = _read(path, max_file_bytes)
-        if dropped:
-            stats[dropped] += 1
-            continue
-        info = extract_file(data, path.relative_to(root).as_posix())
-        stats[FILES_PARSED] += 1
-        stats[SYNTAX_ERRORS] += info.has_syntax_error
-        stats[SYMBOLS] += len(info.symbols)
-        stats[IMPORTS] += len(info.imports)
-        files.append(info)
+    for part in run(extract_files, [(str(root), chunk, max_file_bytes) for chunk in chunks]):
+        for dropped, info in part:
+            stats[FILES_SEEN] += 1
+            if dropped:
+                stats[dropped] += 1
+                continue
+            stats[FILES_PARSED] += 1
+            stats[SYNTAX_ERRORS] += info.has_syntax_error
+            stats[SYMBOLS] += len(info.symbols)
+            stats[IMPORTS] += len(info.imports)
+            files.append(info)
     return Extraction(source=source, commit=commit, files=tuple(files), stats=stats)
+
+
+def extract_files(root: str, rels: list[str], max_file_bytes: int) -> list[tuple[str, FileInfo | None]]:
+    """(drop reason or "", parse) of each file in `rels`, relative to `root`."""
+    out: list[tuple[str, FileInfo | None]] = []
+    for rel in rels:
+        data, dropped = _read(Path(root, rel), max_file_bytes)
+        out.append((dropped, None) if dropped else ("", extract_file(data, rel)))
+    return out
 
 
 # --- on-disk cache format -----------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fnmatch
 import functools
 import json
 import os
@@ -110,6 +109,7 @@ class _Lazy:
 
     def __init__(self, root: Path) -> None:
         self.root, self._index = root, None
+        self.results: dict[tuple[Any, ...], str | ToolError] = {}  # grep is a function of the tree
 
     def get(self) -> grepindex.TreeIndex:
         if self._index is None:
@@ -132,18 +132,15 @@ def indexed(root: str | os.PathLike[str]) -> Iterator[None]:
         _INDEX.reset(token)
 
 
-def _files(root: Path, start: Path, glob: str | None) -> list[grepindex.TextFile]:
-    """The text files grep searches under `start`, sorted by relative path."""
-    index = _INDEX.get()
+def _tree(root: Path, start: Path) -> tuple[grepindex.TreeIndex, tuple[int, int]]:
+    """The index grep searches for `start` (a file or a directory), and its range of files."""
     if start.is_file():
-        tf = grepindex.read_text_file(start, start.relative_to(root).as_posix(), MAX_FILE_BYTES)
-        return grepindex.select([tf] if tf else [], glob)
-    if index is not None and index.root == root:
-        return grepindex.select(index.get().under(start), glob)
-    files = (grepindex.read_text_file(p, p.relative_to(root).as_posix(), MAX_FILE_BYTES)
-             for p in grepindex.walk(start)
-             if not glob or fnmatch.fnmatch(p.name, glob))
-    return sorted((f for f in files if f is not None), key=lambda f: f.rel)
+        one = grepindex.TreeIndex(root, MAX_FILE_BYTES, [start])
+        return one, (0, len(one.rels))
+    index = _INDEX.get()
+    tree = (index.get() if index is not None and index.root == root
+            else grepindex.TreeIndex(root, MAX_FILE_BYTES, grepindex.walk(start)))
+    return tree, tree.under(start)
 
 
 MAX_PATTERN_CHARS = 1000
@@ -181,6 +178,28 @@ def expansion(pattern: str) -> int:
 def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str | None = None) -> str:
     """Lines matching `pattern` under `path`, as `path:line:text`."""
     root_p = Path(root).resolve()
+    index = _INDEX.get()
+    if index is None or index.root != root_p:
+        return _grep(root_p, pattern, path, glob)
+    key = (type(pattern), pattern, type(path), path, type(glob), glob)
+    try:
+        hit = index.results.get(key)
+    except TypeError:  # an unhashable argument: the call itself will say what is wrong
+        hit = None
+    if hit is None:
+        try:
+            hit = _grep(root_p, pattern, path, glob)
+        except ToolError as exc:
+            hit = exc
+        if len(index.results) < 100_000:
+            with contextlib.suppress(TypeError):
+                index.results[key] = hit
+    if isinstance(hit, ToolError):
+        raise hit
+    return hit
+
+
+def _grep(root_p: Path, pattern: str, path: str, glob: str | None) -> str:
     if not isinstance(pattern, str):
         raise ToolError(f"pattern must be a string, got {type(pattern).__name__}")
     if len(pattern) > MAX_PATTERN_CHARS:
@@ -199,13 +218,12 @@ def grep(root: str | os.PathLike[str], pattern: str, path: str = ".", glob: str 
         raise ToolError(f"path {path!r} is a symlink")
     hits: list[str] = []
     total = 0
-    whole = re.compile(pattern, re.MULTILINE) if grepindex.scannable(pattern) else None
     try:
-        for f in _files(root_p, start, glob):
-            for n, line in grepindex.matching_lines(regex, whole, f, deadline):
-                total += 1
-                if len(hits) < MAX_GREP_MATCHES:
-                    hits.append(f"{f.rel}:{n}:{line[:MAX_LINE_CHARS]}")
+        tree, files = _tree(root_p, start)
+        for rel, n, line in tree.grep(regex, pattern, files, glob, deadline):
+            total += 1
+            if len(hits) < MAX_GREP_MATCHES:
+                hits.append(f"{rel}:{n}:{line[:MAX_LINE_CHARS]}")
     except TimeoutError:
         raise ToolError(f"pattern {pattern!r} took longer than {GREP_TIMEOUT_S:g} s") from None
     if not hits:

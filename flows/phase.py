@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 
-from codeadapt import changes, plan, report, train
+from codeadapt import changes, parallel, plan, report, train
 from codeadapt import examples as ex_mod
 from codeadapt.budget import Budget
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
@@ -243,6 +243,8 @@ def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[st
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,
               models: bool = True) -> dict[str, Any]:
     settings = load_settings(config, profile=profile, overrides=overrides)
+    # Threads share one GIL: parse and generate in worker processes. Dask workers already are.
+    parallel.configure(settings.runner.processes if settings.runner.kind == "threads" else 1)
     for d in (settings.paths.data, settings.paths.adapters):  # a run killed mid-publish
         for name in recover_all(settings.resolve(d)):
             get_run_logger().warning("restored %s/%s: a killed run had moved it aside", d, name)

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, sources
+from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, parallel, sources
 from codeadapt.budget import Budget
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
@@ -56,13 +56,15 @@ def sync_repo(name: str, spec: SourceSpec, repos_dir: Path, project_root: Path) 
 
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="extract_repo[{checkout.name}]")
 def extract_repo(checkout: Checkout, max_file_bytes: int) -> Extraction:
-    return extract.extract_checkout(Path(checkout.path), checkout.name, checkout.commit, max_file_bytes)
+    return extract.extract_checkout(Path(checkout.path), checkout.name, checkout.commit, max_file_bytes,
+                                    starmap=parallel.starmap)
 
 
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="make_examples[{checkout.name}]")
 def make_examples(checkout: Checkout, extraction: Extraction, quotas: dict[str, int],
                   limits: examples.Limits, seed: str) -> tuple[list[Example], dict[str, int]]:
-    return _redacted(examples.python_examples(Path(checkout.path), extraction, quotas, limits, seed))
+    return _redacted(parallel.call(examples.python_examples, Path(checkout.path), extraction, quotas,
+                                   limits, seed))
 
 
 def _redacted(made: tuple[list[Example], dict[str, int]]) -> tuple[list[Example], dict[str, int]]:

@@ -245,7 +245,10 @@ TRICKY = [r"", r"^", r"$", r"^$", r"^\s*$", r"\s*$", r"x*", r"\n", r"\s+", r"[^a
           r"(?i)CLASS", r"(?-m)^class", r"(?s).*", r"a(?=\s*$)", r"(?<=K)\(", r"[ ]++$", r"(?>\s*)$",
           r"\A\w", r"\Z", r"\Gdef", r"(a|b) = (1|2)$", r"(?:pass|end)\s*", r"(\w)\1", r"^(?P<x>\w)",
           r"d = 1$", r"\bb\b", r"(?x) c l a s s", r"(?m)^x$", r"^\s+pass", r"(?!class)\w+:$",
-          r"(?:ab){e<=1}", r"^.{0,3}$", r"(?i:ö)"]
+          r"(?:ab){e<=1}", r"^.{0,3}$", r"(?i:ö)", r"[[:alpha:]]ss", r"class\s+K", r"s{1, 3}",
+          r"(?:re){1,2}turn 1", r"(?i)RETURN", r"pa(s)s", r"(?:ret|pa)urn", r"\n1", r"= 1\r",
+          r"(e) (= 1)$", r"(?<!x)pass", r"def f(?=\()", r"^\s+return 1$", r"class Ö:$",
+          r"^\s*(from x import|import x\b)", r"(?:ss|as)s", r"\nd", r"ü'", r"'ü'$", r"Ö|K", r"(?:ab)+s"]
 
 
 @pytest.mark.parametrize("pattern", TRICKY)
@@ -289,3 +292,18 @@ def test_grep_index_matches_a_fresh_walk_on_installed_sources():
     fresh = [tools.grep(root, p, path, glob) for p, path, glob in cases]
     with tools.indexed(root):
         assert [tools.grep(root, p, path, glob) for p, path, glob in cases] == fresh
+
+
+@pytest.mark.parametrize("pattern, runs", [
+    (r"^\s*(class|def|async def) Name\b", (" Name",)),
+    (r"class \w+\(.*\bBase\b", ("class ", "Base")),
+    (r"(?i)RETURN", ()), (r"[[:alpha:]]ss", ()), (r"(?:ab){e<=1}abc", ()), (r"s{1, 3}abc", ()),
+    (r"(?:re){1,2}turn 1", ("turn 1", "re")), (r"ab|cde", ()), (r"\p{L}abc", ()),
+    (r"^\s*(from a\.b import|import a\.b\b)", ("import", " a.b")), (r"(?:x|y)?zz", ("zz",)), (r"(ab)*c", ()),
+])
+def test_required_literals_only_where_every_match_holds_them(pattern, runs):
+    """Asserts: the literals grep uses to skip files are the ones every match must contain, and
+    none where `regex` reads the pattern differently from the standard parser."""
+    from codeadapt.grepindex import required_literals
+
+    assert required_literals(pattern) == runs
