@@ -36,8 +36,12 @@ class Budget:
         return {"tokenizer": Path(self.tokenizer_dir).name, "max_tokens": self.max_tokens}
 
 
-def load_counter(tokenizer_dir: str | Path) -> tuple[Counter_, Callable[[Sequence[dict], Sequence[dict]], str]]:
-    """(token count, rendered text) of a conversation exactly as training renders it."""
+def load_counter(tokenizer_dir: str | Path) -> tuple[
+        Counter_, Callable[[Sequence[dict], Sequence[dict]], str],
+        Callable[[Sequence[tuple[Sequence[dict], Sequence[dict]]]], list[int]]]:
+    """(token count, rendered text, token counts of many) of a conversation exactly as
+    training renders it. The batch counter renders each conversation, then tokenizes all of
+    them in one call of the fast tokenizer (Rust, threaded): the same counts, ~2x faster."""
     from mlx_lm.utils import load_tokenizer
 
     tok = load_tokenizer(Path(tokenizer_dir))
@@ -49,7 +53,15 @@ def load_counter(tokenizer_dir: str | Path) -> tuple[Counter_, Callable[[Sequenc
         return len(tok.apply_chat_template(list(messages), tools=list(tools) or None,
                                            tokenize=True, return_dict=False))
 
-    return count, render
+    backend = getattr(tok, "_tokenizer", tok)
+
+    def count_many(convs: Sequence[tuple[Sequence[dict], Sequence[dict]]]) -> list[int]:
+        texts = [render(m, t) for m, t in convs]
+        if not texts:
+            return []
+        return [len(ids) for ids in backend(texts, add_special_tokens=False)["input_ids"]]
+
+    return count, render, count_many
 
 
 def quoted(text: str) -> list[str]:
@@ -62,9 +74,11 @@ def grounded(answer: str, shown: str) -> bool:
     return all(q in shown for q in quoted(answer))
 
 
-def fit(ex: Example, count: Counter_, max_tokens: int) -> tuple[Example | None, int, str]:
-    """(example or None, its tokens, "fits" | "cut" | reason dropped)."""
-    n = count(ex.messages, ex.tools)
+def fit(ex: Example, count: Counter_, max_tokens: int, n: int | None = None
+        ) -> tuple[Example | None, int, str]:
+    """(example or None, its tokens, "fits" | "cut" | reason dropped); `n`: its tokens, when
+    already counted."""
+    n = count(ex.messages, ex.tools) if n is None else n
     if n <= max_tokens:
         return ex, n, "fits"
     msgs = list(ex.messages)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from codeadapt import chat, tools
+from codeadapt import chat, parallel, tools
 from codeadapt.budget import Budget, fit, length_stats, load_counter, samples
 from codeadapt.card import data_card, question_stats
 from codeadapt.fsutil import locked, read_json, replace_dir
@@ -98,18 +97,24 @@ def replay_mismatches(example: Example, root: Path | str) -> list[int]:
 def prepare(examples: Iterable[Example], checkouts: dict[str, Checkout],
             stats: Counter[str]) -> list[Example]:
     """Redact, then keep only examples whose every tool result replays on its checkout.
-    Replayed source by source, each under one grep index of its checkout; order is kept."""
+    Replayed source by source (in worker processes where `parallel` has them), each under one
+    grep index of its checkout; the order is kept."""
     examples = list(examples)
+    by_source: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_source.setdefault(ex.source, []).append(i)
+    jobs = [([examples[i] for i in idxs], checkouts.get(source)) for source, idxs in by_source.items()]
     kept: dict[int, Example] = {}
-    by_source = sorted(range(len(examples)), key=lambda i: examples[i].source)
-    for source, idxs in itertools.groupby(by_source, key=lambda i: examples[i].source):
-        co = checkouts.get(source)
-        with tools.indexed(co.path) if co is not None else contextlib.nullcontext():
-            for i in idxs:
-                ex = _prepared(examples[i], co, stats)
-                if ex is not None:
-                    kept[i] = ex
+    for idxs, (results, counts) in zip(by_source.values(), parallel.starmap(_prepare_source, jobs)):
+        stats.update(counts)
+        kept.update((i, ex) for i, ex in zip(idxs, results) if ex is not None)
     return [kept[i] for i in sorted(kept)]
+
+
+def _prepare_source(examples: list[Example], co: Checkout | None) -> tuple[list[Example | None], Counter[str]]:
+    stats: Counter[str] = Counter()
+    with tools.indexed(co.path) if co is not None else contextlib.nullcontext():
+        return [_prepared(ex, co, stats) for ex in examples], stats
 
 
 def _prepared(ex: Example, co: Checkout | None, stats: Counter[str]) -> Example | None:
@@ -157,10 +162,11 @@ def fit_budget(kept: list[tuple[str, Example]], budget: Budget | None,
     and the renderer the card shows examples with; counts are None without a budget."""
     if budget is None:
         return [(k, ex, None) for k, ex in kept], None
-    count, render = load_counter(budget.tokenizer_dir)
+    count, render, count_many = load_counter(budget.tokenizer_dir)
+    lengths = count_many([(ex.messages, ex.tools) for _, ex in kept])
     out = []
-    for key, ex in kept:
-        fitted, n, how = fit(ex, count, budget.max_tokens)
+    for (key, ex), n0 in zip(kept, lengths):
+        fitted, n, how = fit(ex, count, budget.max_tokens, n0)
         if how != "fits":
             stats[f"{how}[{ex.kind}]" if fitted is None else "cut_to_token_budget"] += 1
         if fitted is not None:

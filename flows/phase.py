@@ -7,6 +7,7 @@ every per-source task, so one run does each repo's work once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from tasks import data as t
 from tasks import ml
 
 
-def build_data(settings: Settings, targets: list[str], budget: Budget | None = None) -> dict[str, dict[str, Any]]:
+def build_data(settings: Settings, targets: list[str],
+               budget: Budget | Callable[[], Budget | None] | None = None) -> dict[str, dict[str, Any]]:
     """Run the data stages for `targets` and every phase they extend; return their manifests.
-    With a `budget` (the base's tokenizer), examples are fitted to its max_seq_length."""
+    With a `budget` (the base's tokenizer), examples are fitted to its max_seq_length; a
+    callable is asked for it only when the datasets are built (the base converts meanwhile)."""
     log = get_run_logger()
     phases = [p for t in targets for p in settings.phase_chain(t)]
     phases = list(dict.fromkeys(phases))
@@ -82,6 +85,8 @@ def build_data(settings: Settings, targets: list[str], budget: Budget | None = N
 
     manifests = {}
     data = settings.resolve(settings.paths.data)
+    if callable(budget):
+        budget = budget()
     for p in phases:
         members = [*settings.phase_sources(p), *plan.handwritten_files(settings, p)]
         items: list[Example] = [e for n in members for e in per_source.get(n, [])]
@@ -114,13 +119,16 @@ def resolve_base(name: str) -> Path:
     return path if path.is_dir() else _download(name)
 
 
-def prepare_base(settings: Settings) -> Path:
+def prepare_base(settings: Settings, wait: bool = True) -> Any:
     """The base every adapter trains on: SmolLM2 converted from its wheel's GGUF, the offline
-    tiny base (built, then pre-trained), or a named mlx-lm model."""
+    tiny base (built, then pre-trained), or a named mlx-lm model. `wait=False`: SmolLM2's
+    conversion comes back as a future, so the data stages run meanwhile."""
     from codeadapt.models.gguf import SMOLLM2
 
     data = settings.resolve(settings.paths.data)
     if settings.base_model() == SMOLLM2:
+        if not wait:
+            return ml.make_gguf_base.submit(data / "bases", SMOLLM2)
         return ml.make_gguf_base(data / "bases", SMOLLM2)
     if settings.base_model() != "tiny":
         return resolve_base(settings.base_model())
@@ -254,8 +262,14 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
     if models and settings.eval.held_out_phase:
         targets.append(settings.eval.held_out_phase)
     # The base's tokenizer sets the data's token budget; the tiny base's is made from the data.
-    base_dir = prepare_base(settings) if settings.base_model() != "tiny" else None
-    budget = Budget(str(base_dir), settings.train.max_seq_length) if base_dir else None
+    base = prepare_base(settings, wait=False) if settings.base_model() != "tiny" else None
+    base_dir: Path | None = None
+
+    def budget() -> Budget | None:
+        nonlocal base_dir
+        base_dir = Path(base.result()) if hasattr(base, "result") else base
+        return Budget(str(base_dir), settings.train.max_seq_length) if base_dir else None
+
     manifests = build_data(settings, targets, budget)
     out: dict[str, Any] = {p: {"counts": m["counts"], "inputs_hash": m["inputs_hash"],
                                "failed_sources": m["inputs"]["failed_sources"]}

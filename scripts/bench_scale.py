@@ -134,7 +134,9 @@ def one_build(config: Path) -> dict:
 
 
 def floor(repos: Path) -> dict:
-    """tree-sitter parse + extract of every .py file of the checkouts, one core."""
+    """tree-sitter parse + extract of every .py file of the checkouts, one core; then each
+    source's example generation alone (CPU seconds, same quotas), for the cost per MB."""
+    from codeadapt import examples, extract
     from codeadapt.extract import extract_file
 
     blobs = [(p.relative_to(repos).as_posix(), p.read_bytes()) for p in sorted(repos.rglob("*.py"))
@@ -142,7 +144,20 @@ def floor(repos: Path) -> dict:
     tic = time.process_time()
     for rel, b in blobs:
         extract_file(b, rel)
-    return {"core_s": time.process_time() - tic, "files": len(blobs), "mb": sum(len(b) for _, b in blobs) / 1e6}
+    core_s = time.process_time() - tic
+    del blobs
+    limits = examples.Limits(40, 20, (0.1, 0.15, "codeadapt-split-v1"))
+    gen = {}
+    for d in sorted(repos.iterdir()):
+        if (d / ".git").is_dir():
+            ext = extract.extract_checkout(d, d.name, "0" * 40)
+            tic = time.process_time()
+            examples.python_examples(d, ext, PER_SOURCE, limits, "0")
+            gen[d.name] = time.process_time() - tic
+    return {"core_s": core_s, "gen_s": gen,
+            "files": sum(1 for p in repos.rglob("*.py") if ".git" not in p.relative_to(repos).parts),
+            "mb": sum(p.stat().st_size for p in repos.rglob("*.py")
+                      if ".git" not in p.relative_to(repos).parts and p.is_file() and not p.is_symlink()) / 1e6}
 
 
 def source_mb(repos: Path) -> dict[str, float]:
@@ -189,30 +204,30 @@ def summarize(label: str, run: dict, fl: dict, mbs: dict[str, float]) -> dict:
     ideal = fl["core_s"] / cores
     print(f"\n== {label}: {len(mbs)} sources, {fl['files']} .py files, {fl['mb']:.1f} MB")
     print(f"floor (tree-sitter parse + extract): {fl['core_s']:.1f} s on one core, {ideal:.1f} s ideal on {cores}")
+    t0 = min((t["start"] for t in run["tasks"] if t["start"]), default=0)
     for stage, prefix in STAGES.items():
         ts = [t for t in run["tasks"] if t["name"].startswith(prefix) and t["start"] and t["end"]]
         if ts:
-            span = max(t["end"] for t in ts) - min(t["start"] for t in ts)
+            first, last = min(t["start"] for t in ts) - t0, max(t["end"] for t in ts) - t0
             busy = sum(t["seconds"] for t in ts)
-            print(f"  {stage:9s} wall {span:7.1f} s   task time {busy:8.1f} s   ({len(ts)} task runs)")
+            print(f"  {stage:9s} {first:6.1f} s -> {last:6.1f} s   wall {last - first:6.1f} s   "
+                  f"task time {busy:7.1f} s   ({len(ts)} task runs)")
     n_ex = sum(run["examples"].values())
     print(f"flow wall {run['wall_s']:.1f} s: {fl['mb'] / run['wall_s']:.2f} MB/s, {n_ex / run['wall_s']:.1f} examples/s "
           f"({n_ex} examples), {run['wall_s'] / ideal:.1f}x the floor on {cores} cores "
           f"({run['wall_s'] / fl['core_s']:.1f}x one core)")
-    gen = {t["name"].split("[", 1)[1].rstrip("]"): t["seconds"] for t in run["tasks"]
-           if t["name"].startswith("make_examples[")}
+    gen = fl["gen_s"]  # each source's example generation alone, CPU seconds
     if gen:
         slow = max(gen, key=gen.get)
-        ts = [t for t in run["tasks"] if t["name"].startswith("make_examples") and t["start"] and t["end"]]
-        span = max(t["end"] for t in ts) - min(t["start"] for t in ts)
-        per_mb = {s: gen[s] / mbs[s] for s in gen if mbs.get(s, 0) > 0.05}
-        med = statistics.median(per_mb.values()) if per_mb else 0
-        worst = max(per_mb, key=per_mb.get) if per_mb else None
-        print(f"slowest example generation: {slow} {gen[slow]:.1f} s ({mbs.get(slow, 0):.1f} MB), "
-              f"{gen[slow] / span:.0%} of the examples stage")
-        if worst:
-            print(f"seconds per MB (sources > 50 kB): median {med:.2f}, worst {worst} {per_mb[worst]:.2f} "
-                  f"= {per_mb[worst] / med:.1f}x the median")
+        print(f"example generation alone (CPU): total {sum(gen.values()):.1f} s, median source "
+              f"{statistics.median(gen.values()):.2f} s, slowest {slow} {gen[slow]:.1f} s ({mbs.get(slow, 0):.1f} MB)")
+        for floor_mb in (0.05, 0.5):
+            per_mb = {s: gen[s] / mbs[s] for s in gen if mbs.get(s, 0) > floor_mb}
+            if per_mb:
+                med = statistics.median(per_mb.values())
+                worst = max(per_mb, key=per_mb.get)
+                print(f"  seconds per MB, sources > {floor_mb:g} MB ({len(per_mb)}): median {med:.2f}, "
+                      f"worst {worst} {per_mb[worst]:.2f} = {per_mb[worst] / med:.1f}x the median")
     print(f"peak RSS: flow process {run['peak_self_mb']:.0f} MB; with its Prefect server and workers "
           f"{run['peak_all_mb']:.0f} MB (sampled every 0.2 s, git excluded); Prefect server start "
           f"{run['server_s']:.1f} s (not in the flow wall); failed sources: {len(run['failed'])}")

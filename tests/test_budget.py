@@ -65,7 +65,8 @@ def test_build_applies_the_budget_and_reports_it(tmp_path: Path, monkeypatch) ->
     root = repo(tmp_path / "r")
     exs = [read_example(root, "It starts with `def f():`."), read_example(root, "It ends with `x58 = 58`.")]
     limit = chars(exs[0].messages, exs[0].tools) // 2
-    monkeypatch.setattr(budget, "load_counter", lambda d: (chars, lambda m, t: "RENDERED"))
+    monkeypatch.setattr(budget, "load_counter", lambda d: (chars, lambda m, t: "RENDERED",
+                                                           lambda convs: [chars(m, t) for m, t in convs]))
     import codeadapt.dataset as ds
     monkeypatch.setattr(ds, "load_counter", budget.load_counter)
     co = Checkout("src", "path", "x", "snapshot", "c0ffee", str(root), "g", "python")

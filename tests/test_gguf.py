@@ -210,12 +210,14 @@ def test_make_base_is_content_addressed(converted: Path) -> None:
 def test_budget_counts_tokens_exactly_as_training_encodes(converted: Path) -> None:
     from codeadapt import budget, train
 
-    count, render = budget.load_counter(converted)
+    count, render, count_many = budget.load_counter(converted)
     msgs = [chat.system("r"), chat.user("Where is `A`?"), chat.tool_call("call_1", "grep", {"pattern": "^class A"}),
             chat.tool_result("call_1", "grep", "a.py:1:class A:"), chat.assistant("`a.py`, line 1.")]
     tok = mlx_lm_tokenizer(converted)
     enc = train.encode_record(tok, {"messages": msgs, "tools": list(chat.tool_schemas())}, "x")
     assert count(msgs, chat.tool_schemas()) == len(enc.tokens)
+    short = [chat.system("r"), chat.user("Hi"), chat.assistant("Hello.")]
+    assert count_many([(msgs, chat.tool_schemas()), (short, ())]) == [len(enc.tokens), count(short, ())]
     assert render(msgs, chat.tool_schemas()).startswith("<|im_start|>system")
 
 
