@@ -20,11 +20,11 @@ import time
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from re import _constants as sre_c
+from re import _parser as sre_parse
 from typing import Any
 
 import regex as re
-from re import _constants as sre_c
-from re import _parser as sre_parse
 
 
 def decode(data: bytes) -> list[str] | None:

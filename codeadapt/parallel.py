@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_PRELOAD = ["codeadapt.extract", "codeadapt.examples", "codeadapt.html_domain"]
+_PRELOAD = ["codeadapt.extract", "codeadapt.generate", "codeadapt.dataset"]
 _lock = threading.Lock()
 _size = 1
 _pool: ProcessPoolExecutor | None = None

@@ -21,6 +21,7 @@ against the median, and peak RSS (flow process; Dask workers separately).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -99,10 +100,9 @@ def one_build(config: Path) -> dict:
     """In this (fresh) process: run the flow, then read its task runs from the server."""
     from prefect.client.orchestration import get_client
 
+    from codeadapt.config import load_settings
     from flows.phase import PHASE_FLOWS
     from flows.runners import task_runner
-
-    from codeadapt.config import load_settings
 
     settings = load_settings(str(config))
     tic = time.perf_counter()
@@ -129,7 +129,9 @@ def one_build(config: Path) -> dict:
               "seconds": r.total_run_time.total_seconds(), "state": r.state_name}
              for r in runs]
     counts = result["phase5"]["counts"]
-    return {"wall_s": wall, "tasks": tasks, "examples": counts["split"], "failed": result["phase5"]["failed_sources"],
+    data = Path(settings.resolve(settings.paths.data)) / "phase5"
+    digest = hashlib.sha256(b"".join((data / f"{s}.jsonl").read_bytes() for s in ("train", "valid", "test")))
+    return {"wall_s": wall, "outputs_sha256": digest.hexdigest()[:16], "tasks": tasks, "examples": counts["split"], "failed": result["phase5"]["failed_sources"],
             "server_s": server_s}
 
 
@@ -231,7 +233,9 @@ def summarize(label: str, run: dict, fl: dict, mbs: dict[str, float]) -> dict:
     print(f"peak RSS: flow process {run['peak_self_mb']:.0f} MB; with its Prefect server and workers "
           f"{run['peak_all_mb']:.0f} MB (sampled every 0.2 s, git excluded); Prefect server start "
           f"{run['server_s']:.1f} s (not in the flow wall); failed sources: {len(run['failed'])}")
-    return {"label": label, "wall_s": run["wall_s"], "floor_core_s": fl["core_s"], "examples": n_ex}
+    print(f"dataset files sha256: {run['outputs_sha256']}")
+    return {"label": label, "wall_s": run["wall_s"], "floor_core_s": fl["core_s"], "examples": n_ex,
+            "sha": run["outputs_sha256"]}
 
 
 def main() -> None:
@@ -239,6 +243,7 @@ def main() -> None:
     ap.add_argument("--sets", default="10,100,1000")
     ap.add_argument("--dask", default="", help="also run the LAST set on a Dask LocalCluster of these worker counts")
     ap.add_argument("--warm", action="store_true", help="re-run each threads build on the same store")
+    ap.add_argument("--no-threads", action="store_true", help="only the Dask runs")
     ap.add_argument("--build", help=argparse.SUPPRESS)
     ap.add_argument("--floor", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -252,7 +257,7 @@ def main() -> None:
         print(json.dumps(floor(Path(args.floor))))
         return
     sets = args.sets.split(",")
-    runs = [(s, "threads", 8) for s in sets] + [(sets[-1], "dask", int(w)) for w in args.dask.split(",") if w]
+    runs = [(s, "threads", 8) for s in sets if not args.no_threads] + [(sets[-1], "dask", int(w)) for w in args.dask.split(",") if w]
     results = []
     for which, runner, workers in runs:
         with tempfile.TemporaryDirectory(prefix=f"scale{which}-") as tmp:
@@ -272,6 +277,8 @@ def main() -> None:
     if dask:
         print("\nDask LocalCluster wall ratios (to 1 worker): " + ", ".join(
             f"{r['label']}: {r['wall_s'] / dask[0]['wall_s']:.2f}" for r in dask))
+        same = len({r["sha"] for r in results if r["label"].startswith(sets[-1] + " ")}) == 1
+        print("datasets identical across runners and worker counts: " + ("yes" if same else "NO"))
 
 
 if __name__ == "__main__":

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from codeadapt import chat, dataset, examples, extract, handwritten, html_domain, parallel, sources
+from codeadapt import (
+    chat,
+    dataset,
+    examples,
+    extract,
+    generate,
+    handwritten,
+    html_domain,
+    parallel,
+    sources,
+)
 from codeadapt.budget import Budget
 from codeadapt.config import SourceSpec
 from codeadapt.records import Checkout, Example, Extraction, SyncFailure
-from codeadapt.secrets import redact, redact_text, redact_url
+from codeadapt.secrets import redact_text, redact_url
 
 
 def _key(*parts: object) -> str:
@@ -63,26 +72,13 @@ def extract_repo(checkout: Checkout, max_file_bytes: int) -> Extraction:
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="make_examples[{checkout.name}]")
 def make_examples(checkout: Checkout, extraction: Extraction, quotas: dict[str, int],
                   limits: examples.Limits, seed: str) -> tuple[list[Example], dict[str, int]]:
-    return _redacted(parallel.call(examples.python_examples, Path(checkout.path), extraction, quotas,
-                                   limits, seed))
-
-
-def _redacted(made: tuple[list[Example], dict[str, int]]) -> tuple[list[Example], dict[str, int]]:
-    """Examples with secrets redacted before Prefect persists them as a task result (the
-    dataset build redacts again, and replays against redacted tool output)."""
-    exs, stats = made
-    out = []
-    for ex in exs:
-        msgs, n = redact(list(ex.messages))
-        stats["secrets_redacted_at_generation"] = stats.get("secrets_redacted_at_generation", 0) + n
-        out.append(replace(ex, messages=tuple(msgs)) if n else ex)
-    return out, stats
+    return parallel.call(generate.python_examples, Path(checkout.path), extraction, quotas, limits, seed)
 
 
 @task(cache_policy=CHECKOUT_CACHE, persist_result=True, task_run_name="html_examples[{checkout.name}]")
 def html_examples(checkout: Checkout, seed: str, split: tuple[float, float, str] | None = None
                   ) -> tuple[list[Example], dict[str, int]]:
-    return _redacted(html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed, split))
+    return generate.redacted(html_domain.html_examples(Path(checkout.path), checkout.name, checkout.commit, seed, split))
 
 
 @task(task_run_name="load_handwritten[{path.name}]")
@@ -90,7 +86,9 @@ def load_handwritten(path: Path) -> list[Example]:
     return handwritten.load_handwritten(path)
 
 
-@task(task_run_name="build_dataset[{phase}]")
+# No Prefect cache: hashing tens of thousands of examples as inputs took minutes at 1,000
+# sources, and the build has its own up-to-date check (`dataset.up_to_date`).
+@task(task_run_name="build_dataset[{phase}]", cache_policy=NO_CACHE)
 def build_dataset(phase: str, items: list[Example], checkouts: dict[str, Checkout], out_dir: Path,
                   split_cfg: dict[str, Any], inputs: dict[str, Any],
                   upstream_stats: dict[str, dict[str, int]], budget: Budget | None = None) -> dict[str, Any]:
