@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
 
 from codeadapt import changes, parallel, plan, report, train
 from codeadapt import examples as ex_mod
@@ -38,34 +39,43 @@ def build_data(settings: Settings, targets: list[str],
     root = Path(settings.root)
     repos = settings.resolve(settings.paths.repos)
     names = list(specs)
-    futures = t.sync_repo.map(names, [specs[n] for n in names], unmapped(repos), unmapped(root))
-    checkouts: dict[str, Checkout] = {}
-    failures: dict[str, SyncFailure] = {}
-    for name, fut in zip(names, futures):
-        try:
-            checkouts[name] = fut.result()
-        except Exception as exc:  # the task's state holds it; other sources go on
-            failures[name] = t.failure_of(name, specs[name], exc)
-            log.error("source %s failed to sync: %s", name, exc)
-
     quotas = plan.source_quotas(settings)
     limits = ex_mod.Limits(settings.limits.max_read_lines, settings.limits.max_grep_hits,
                            (settings.split.valid, settings.split.test, settings.split.salt))
     seed = str(settings.seed)
-    py = [c for c in checkouts.values() if c.generator == "python"]
-    html = [c for c in checkouts.values() if c.generator == "html"]
-    extractions = t.extract_repo.map(py, unmapped(settings.limits.max_file_bytes))
     by_symbol = set(settings.split.by_symbol)
-    py_futs = t.make_examples.map(py, extractions, [quotas[c.name] for c in py],
-                                  [replace(limits, by_symbol=c.group in by_symbol) for c in py],
-                                  unmapped(seed))
-    html_futs = t.html_examples.map(html, unmapped(seed), unmapped(limits.split))
+    # Each source goes on to parse and examples as soon as its own sync is done: no barrier
+    # after the slowest clone (at 1,000 sources the syncs alone took 90 s).
+    syncs = t.sync_repo.map(names, [specs[n] for n in names], unmapped(repos), unmapped(root))
+    name_of = {id(f): n for n, f in zip(names, syncs)}
+    synced: dict[str, Checkout] = {}
+    failures: dict[str, SyncFailure] = {}
+    extractions: dict[str, Any] = {}
+    made: dict[str, Any] = {}
+    for fut in as_completed(list(syncs)):
+        name = name_of[id(fut)]
+        try:
+            co = synced[name] = fut.result()
+        except Exception as exc:  # the task's state holds it; other sources go on
+            failures[name] = t.failure_of(name, specs[name], exc)
+            log.error("source %s failed to sync: %s", name, exc)
+            continue
+        if co.generator == "python":
+            extractions[name] = t.extract_repo.submit(co, settings.limits.max_file_bytes)
+            made[name] = t.make_examples.submit(co, extractions[name], quotas[name],
+                                                replace(limits, by_symbol=co.group in by_symbol), seed)
+        else:
+            made[name] = t.html_examples.submit(co, seed, limits.split)
+    checkouts = {n: synced[n] for n in names if n in synced}  # config order, not finish order
+    failures = {n: failures[n] for n in names if n in failures}
     hand_paths = {rel: f for p in phases for rel, f in plan.handwritten_files(settings, p).items()}
     hand_futs = {rel: t.load_handwritten.submit(f) for rel, f in hand_paths.items()}
 
     per_source: dict[str, list[Example]] = {}
     stats: dict[str, dict[str, int]] = {}
-    for co, fut in [*zip(py, py_futs), *zip(html, html_futs)]:
+    for co in [c for c in checkouts.values() if c.generator == "python"] + [
+            c for c in checkouts.values() if c.generator == "html"]:
+        fut = made.pop(co.name)
         try:
             per_source[co.name], stats[co.name] = fut.result()
             if co.generator == "python" and not stats[co.name].get("examples"):
@@ -79,7 +89,8 @@ def build_data(settings: Settings, targets: list[str],
         except Exception as exc:  # a malformed line names file:line; the rest still builds
             failures[rel] = SyncFailure(rel, str(hand_paths[rel]), str(exc))
             log.error("hand-written set %s rejected: %s", rel, exc)
-    for name, fut in zip([c.name for c in py], extractions):
+    for name in [n for n in names if n in extractions]:
+        fut = extractions.pop(name)  # parses are big: let them go before the datasets build
         if fut.state.is_completed():
             stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
 
