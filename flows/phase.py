@@ -83,16 +83,16 @@ def build_data(settings: Settings, targets: list[str],
         except Exception as exc:
             failures[co.name] = SyncFailure(co.name, co.origin, f"example generation failed: {exc}")
             log.error("source %s failed: %s", co.name, exc)
+        parsed = extractions.pop(co.name, None)  # parses are big: let each go once used
+        if parsed is not None and parsed.state.is_completed():
+            stats[co.name] = {**{f"extract_{k}": v for k, v in parsed.result().stats.items()},
+                              **stats.get(co.name, {})}
     for rel, fut in hand_futs.items():
         try:
             per_source[rel] = fut.result()
         except Exception as exc:  # a malformed line names file:line; the rest still builds
             failures[rel] = SyncFailure(rel, str(hand_paths[rel]), str(exc))
             log.error("hand-written set %s rejected: %s", rel, exc)
-    for name in [n for n in names if n in extractions]:
-        fut = extractions.pop(name)  # parses are big: let them go before the datasets build
-        if fut.state.is_completed():
-            stats[name] = {**{f"extract_{k}": v for k, v in fut.result().stats.items()}, **stats.get(name, {})}
 
     manifests = {}
     data = settings.resolve(settings.paths.data)

@@ -149,14 +149,14 @@ def floor(repos: Path) -> dict:
     core_s = time.process_time() - tic
     del blobs
     limits = examples.Limits(40, 20, (0.1, 0.15, "codeadapt-split-v1"))
-    gen = {}
+    gen, made = {}, {}
     for d in sorted(repos.iterdir()):
         if (d / ".git").is_dir():
             ext = extract.extract_checkout(d, d.name, "0" * 40)
             tic = time.process_time()
-            examples.python_examples(d, ext, PER_SOURCE, limits, "0")
+            made[d.name] = len(examples.python_examples(d, ext, PER_SOURCE, limits, "0")[0])
             gen[d.name] = time.process_time() - tic
-    return {"core_s": core_s, "gen_s": gen,
+    return {"core_s": core_s, "gen_s": gen, "gen_n": made,
             "files": sum(1 for p in repos.rglob("*.py") if ".git" not in p.relative_to(repos).parts),
             "mb": sum(p.stat().st_size for p in repos.rglob("*.py")
                       if ".git" not in p.relative_to(repos).parts and p.is_file() and not p.is_symlink()) / 1e6}
@@ -230,6 +230,14 @@ def summarize(label: str, run: dict, fl: dict, mbs: dict[str, float]) -> dict:
                 worst = max(per_mb, key=per_mb.get)
                 print(f"  seconds per MB, sources > {floor_mb:g} MB ({len(per_mb)}): median {med:.2f}, "
                       f"worst {worst} {per_mb[worst]:.2f} = {per_mb[worst] / med:.1f}x the median")
+    if fl.get("gen_n"):
+        buckets = [(0, 0.1), (0.1, 1), (1, 10), (10, 1e9)]
+        parts = []
+        for lo, hi in buckets:
+            per = [gen[n] / fl["gen_n"][n] * 1e3 for n in gen if lo <= mbs.get(n, 0) < hi and fl["gen_n"][n]]
+            if per:
+                parts.append(f"{lo:g}-{hi:g} MB: {statistics.median(per):.1f} ({len(per)})".replace("-1e+09", "+"))
+        print("  ms per example (median) by source size: " + ", ".join(parts))
     print(f"peak RSS: flow process {run['peak_self_mb']:.0f} MB; with its Prefect server and workers "
           f"{run['peak_all_mb']:.0f} MB (sampled every 0.2 s, git excluded); Prefect server start "
           f"{run['server_s']:.1f} s (not in the flow wall); failed sources: {len(run['failed'])}")
