@@ -297,9 +297,15 @@ class Settings(Strict):
                 if g not in self.groups:
                     raise ValueError(f"phases.{pname}.groups: unknown group {g!r}")
             self.phase_groups(pname)  # cycles
+        folded: dict[str, str] = {}
         for sname, src in self.active_sources().items():
             if src.group not in self.groups:
                 raise ValueError(f"sources.{sname}.group: unknown group {src.group!r}")
+            other = folded.setdefault(sname.casefold(), sname)
+            if other != sname:
+                raise ValueError(f"sources {other!r} and {sname!r} differ only in case: on a "
+                                 "case-insensitive file system (macOS, Windows) their checkouts "
+                                 "would be one directory; rename one")
         for g in self.split.by_symbol:
             if g not in self.groups:
                 raise ValueError(f"split.by_symbol: unknown group {g!r}")

@@ -55,6 +55,18 @@ def test_bad_source_names_rejected(name: str, tmp_path: Path):
         load_settings(cfg)
 
 
+def test_source_names_that_differ_only_in_case_are_a_config_error(tmp_path: Path):
+    """Asserts: `Flask` and `flask` in one profile fail to load, naming both (one checkout
+    directory on macOS/Windows); `flask` and `flask2` load."""
+    cfg = tmp_path / "p.toml"
+    src = '[sources.{}]\nkind = "path"\npath = "x"\ngroup = "g"\n'
+    cfg.write_text("[groups.g]\n" + src.format("Flask") + src.format("flask"))
+    with pytest.raises(ValueError, match="'Flask' and 'flask' differ only in case"):
+        load_settings(cfg)
+    cfg.write_text("[groups.g]\n" + src.format("flask2") + src.format("flask"))
+    assert set(load_settings(cfg).active_sources()) == {"flask", "flask2"}
+
+
 def test_override_values_are_toml():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a=hello") == ("a", "hello")
