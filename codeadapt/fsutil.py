@@ -177,3 +177,18 @@ def read_json(path: Path) -> Any | None:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """`path` as a directory only this user can write (made 0700 when missing). Prefect loads
+    cached task results from it with pickle, so whoever can write there runs code in the next
+    run: a directory another user owns, or group/world-writable, is refused, named."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise PermissionError(
+            f"{what} {path} is writable by others (mode {st.st_mode & 0o777:o}, owner uid "
+            f"{st.st_uid}); cached results there are unpickled on load. `chmod go-w {path}` "
+            "if it is yours, or point PREFECT_RESULTS_LOCAL_STORAGE_PATH elsewhere")
+    return path

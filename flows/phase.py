@@ -21,7 +21,7 @@ from codeadapt import examples as ex_mod
 from codeadapt.budget import Budget
 from codeadapt.config import DEFAULT_CONFIG, Settings, load_settings
 from codeadapt.dataset import without_sources
-from codeadapt.fsutil import recover_all
+from codeadapt.fsutil import private_dir, recover_all
 from codeadapt.records import Checkout, Example, SyncFailure
 from tasks import data as t
 from tasks import ml
@@ -259,9 +259,17 @@ def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[st
     return {"examples": manifest["counts"]["split"].get("train", 0), "training": None}
 
 
+def trusted_results() -> Path:
+    """Prefect's result storage, refused when others can write it (results are unpickled)."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    return private_dir(Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()), "Prefect result storage")
+
+
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,
               models: bool = True) -> dict[str, Any]:
     settings = load_settings(config, profile=profile, overrides=overrides)
+    trusted_results()
     # Threads share one GIL: parse and generate in worker processes. Dask workers already are.
     parallel.configure(settings.runner.processes if settings.runner.kind == "threads" else 1)
     for d in (settings.paths.data, settings.paths.adapters):  # a run killed mid-publish
@@ -312,6 +320,7 @@ def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: 
 def base(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None) -> str:
     """Build the base corpus and the base model (tiny: build + pre-train) without any phase."""
     settings = load_settings(config, profile=profile, overrides=overrides)
+    trusted_results()
     if settings.base_model() == "tiny":
         build_data(settings, [settings.base.corpus_phase])
     ml.ensure_gpu_limit()

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from codeadapt import fsutil
 
 
@@ -91,3 +93,25 @@ def test_corrupt_or_missing_state_reads_as_a_miss(tmp_path: Path) -> None:
     f.write_bytes(b"\xff\xfe")
     assert fsutil.read_json(f) is None
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # write_json leaves no temp file
+
+
+def test_result_storage_others_can_write_is_refused(tmp_path: Path):
+    """Asserts: Prefect's result storage (unpickled on cache hits) is refused, named, when it
+    is group- or world-writable; a missing one is made 0700; the flows check it first."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from codeadapt.fsutil import private_dir
+    from flows.phase import trusted_results
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match=str(shared)):
+        private_dir(shared, "results")
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: shared}):
+        with pytest.raises(PermissionError, match="Prefect result storage"):
+            trusted_results()
+    fresh = private_dir(tmp_path / "new" / "results", "results")
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    shared.chmod(0o755)
+    assert private_dir(shared, "results") == shared
