@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -137,6 +138,19 @@ def replace_dir(new: Path, target: Path) -> Path:
         return _swap(Path(new), Path(target))
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Half-written directories of `out_dir` that a killed writer left. Only a holder of the
+    output's lock writes one, and the caller holds it: none of them is in use. Matched
+    exactly (`.<name>.<8 random>.tmp`), so `phase7.candidate`'s are not `phase7`'s."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    for p in out_dir.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def publish_dir(out_dir: Path, fill: Callable[[Path], None]) -> Path:
     """Have `fill` write a fresh directory beside `out_dir`, then swap it in, all under the
     output's lock; on any error the half-written directory is removed and `out_dir` is left
@@ -144,7 +158,8 @@ def publish_dir(out_dir: Path, fill: Callable[[Path], None]) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with locked(out_dir):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        _remove_stale_temps(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=TEMP_SUFFIX, dir=out_dir.parent))
         try:
             fill(tmp)
             return _swap(tmp, out_dir)

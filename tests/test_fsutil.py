@@ -115,3 +115,53 @@ def test_result_storage_others_can_write_is_refused(tmp_path: Path):
     assert fresh.stat().st_mode & 0o777 == 0o700
     shared.chmod(0o755)
     assert private_dir(shared, "results") == shared
+
+
+def _publish_and_die(target: str, stage: str) -> None:
+    """Publish "new" over `target` and SIGKILL this process at `stage` (a real kill, no
+    cleanup runs): while filling, right after the old output moved aside (no exchange
+    syscall, as on file systems without renameat2), or before the old one is deleted."""
+    import signal
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real_replace = os.replace
+    fsutil._exchange = lambda a, b: False  # the fallback path has the window
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if stage == "aside" and str(dst).endswith(".old"):
+            die()
+        if stage == "swapped" and Path(dst) == Path(target):
+            die()
+
+    os.replace = replace
+
+    def fill(d: Path) -> None:
+        (d / "a").write_text("new")
+        if stage == "fill":
+            die()
+        (d / "b").write_text("new")
+
+    fsutil.publish_dir(Path(target), fill)
+
+
+@pytest.mark.parametrize("stage", ["fill", "aside", "swapped"])
+def test_a_writer_killed_at_any_point_of_a_publish_loses_nothing(tmp_path: Path, stage: str) -> None:
+    """Asserts: a process SIGKILLed while filling, after moving the old output aside, or after
+    swapping in the new one leaves an output that the next run finds whole, old or new, never
+    missing or mixed; its half-written temp directory and `.old` leftovers are gone after the
+    next publish."""
+    target = tmp_path / "adapter"
+    fsutil.publish_dir(target, _fill("old"))
+    child = mp.get_context("spawn").Process(target=_publish_and_die, args=(str(target), stage))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9  # killed, as a power cut or an OOM kill would
+    fsutil.recover_all(tmp_path)  # what every flow does first
+    texts = {(target / "a").read_text(), (target / "b").read_text()}
+    assert texts == ({"old"} if stage in ("fill", "aside") else {"new"}), (stage, texts)
+    fsutil.publish_dir(target, _fill("next"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "adapter"]
+    assert (target / "a").read_text() == "next"
