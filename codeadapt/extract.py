@@ -20,7 +20,7 @@ from tree_sitter import Language, Node, Parser, Query, QueryCursor
 
 from codeadapt.records import Extraction, FileInfo, Import, Symbol
 
-EXTRACTOR_VERSION = "1"  # part of cache keys: bump whenever extraction output changes
+EXTRACTOR_VERSION = "2"  # part of cache keys: bump whenever extraction output changes
 DEFAULT_MAX_FILE_BYTES = 1_000_000
 TAGS_QUERY = "python-tags.scm"
 SKIP_DIRS = frozenset({".git"})
@@ -36,9 +36,14 @@ DROPPED_OVERSIZE = "dropped_oversize"
 DROPPED_SYMLINK = "dropped_symlink"
 DROPPED_SPECIAL = "dropped_special"  # not a regular file (FIFO, socket, device, directory)
 DROPPED_UNREADABLE = "dropped_unreadable"  # lstat/open/read raised OSError
+# A path with a control character (a newline in a file name) would break the one-hit-per-line
+# grep results every example shows: such files are neither parsed nor searched.
+DROPPED_BAD_NAME = "dropped_bad_name"
+BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
 STAT_KEYS = (
     FILES_SEEN, FILES_PARSED, SYMBOLS, IMPORTS, SYNTAX_ERRORS, DROPPED_BINARY,
     DROPPED_NON_UTF8, DROPPED_OVERSIZE, DROPPED_SYMLINK, DROPPED_SPECIAL, DROPPED_UNREADABLE,
+    DROPPED_BAD_NAME,
 )  # fmt: skip
 
 PYTHON = Language(tree_sitter_python.language())
@@ -418,6 +423,9 @@ def extract_files(root: str, rels: list[str], max_file_bytes: int) -> list[tuple
     """(drop reason or "", parse) of each file in `rels`, relative to `root`."""
     out: list[tuple[str, FileInfo | None]] = []
     for rel in rels:
+        if BAD_NAME.search(rel):
+            out.append((DROPPED_BAD_NAME, None))
+            continue
         data, dropped = _read(Path(root, rel), max_file_bytes)
         out.append((dropped, None) if dropped else ("", extract_file(data, rel)))
     return out

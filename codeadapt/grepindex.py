@@ -57,6 +57,7 @@ def _read(file: Path, max_bytes: int) -> list[str] | None:
 
 
 SAMPLE_BYTES = 1_000_000
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class TreeIndex:
@@ -68,9 +69,12 @@ class TreeIndex:
         self.root = root
         found = []
         for p in walk(root) if paths is None else paths:
+            rel = p.relative_to(root).as_posix()
+            if _BAD_NAME.search(rel):  # a newline in a name would break `path:line:text`
+                continue
             lines = _read(p, max_bytes)
             if lines is not None:
-                found.append((p.relative_to(root).as_posix(), p.name, lines))
+                found.append((rel, p.name, lines))
         found.sort(key=lambda f: f[0])
         self.rels = [f[0] for f in found]
         self.names = [f[1] for f in found]

@@ -243,6 +243,7 @@ def test_drops_are_counted_and_symlinks_never_read(
     (root / "trap.py").symlink_to(outside / "secret.py")
     (root / "linked").symlink_to(outside, target_is_directory=True)
     os.mkfifo(root / "pipe.py")  # opening it would block: must be dropped from lstat alone
+    (root / "forged\nhit.py").write_bytes(b"def forged(): pass\n")  # would break grep's lines
 
     opened: list[str] = []
     real_open = os.open
@@ -255,9 +256,9 @@ def test_drops_are_counted_and_symlinks_never_read(
     assert not [p for p in opened if Path(p).name in {"evil.py", "trap.py", "pipe.py"}]
     assert "secret" not in {s.name for s in e.symbols()}
     assert e.stats == {
-        "files_seen": 9, "files_parsed": 2, "symbols": 2, "imports": 1, "syntax_errors": 0,
+        "files_seen": 10, "files_parsed": 2, "symbols": 2, "imports": 1, "syntax_errors": 0,
         "dropped_binary": 1, "dropped_non_utf8": 1, "dropped_oversize": 1,
-        "dropped_symlink": 3, "dropped_special": 1, "dropped_unreadable": 0,
+        "dropped_symlink": 3, "dropped_special": 1, "dropped_unreadable": 0, "dropped_bad_name": 1,
     }  # fmt: skip
     drops = sum(v for k, v in e.stats.items() if k.startswith("dropped_"))
     assert e.stats["files_seen"] == e.stats["files_parsed"] + drops

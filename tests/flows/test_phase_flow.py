@@ -219,3 +219,34 @@ vault = {{ kind = "git", url = "{tmp_path / 'up' / 'vault'}", ref = "main", grou
                 secret = value.split("://:")[-1].split("@")[0] if name == "REDIS" else value
                 assert secret.encode() not in blob, (name, f)
     assert scanned >= 5
+
+
+def test_two_phase_runs_at_once_share_outputs_without_collisions(built: Path, tmp_path: Path):
+    """Asserts: phase6 and phase7 started together on one data directory (both sync the same
+    checkouts and build phase5 and phase6) both finish, and every dataset they leave is
+    byte-identical to the one a single run built; no temp or `.old` directory is left."""
+    import threading
+
+    from flows.phase import phase6, phase7
+
+    data = tmp_path / "data"
+    over = [f"paths.data='{data}'", f"paths.repos='{data / 'repos'}'"]
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def run(flow) -> None:
+        try:
+            results[flow.name] = flow(config=str(REPO_ROOT / "pipeline.toml"), models=False, overrides=over)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in (phase6, phase7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    assert not errors and set(results) == {"phase6", "phase7"}, errors
+    for phase in PHASES:
+        for split in ("train", "valid", "test"):
+            assert (data / phase / f"{split}.jsonl").read_bytes() == (built / phase / f"{split}.jsonl").read_bytes()
+    assert not [p.name for p in data.iterdir() if p.name.startswith(".") and p.name != ".locks"]
