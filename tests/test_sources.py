@@ -146,3 +146,27 @@ def test_the_users_git_config_does_not_apply(tmp_path: Path, monkeypatch):
     make_repo(up, {"a.py": "x = 1\n"})
     co = sync_source("up", spec(str(up), "main"), tmp_path / "repos", tmp_path)
     assert (Path(co.path) / "a.py").is_file()
+
+
+def test_a_remote_that_never_answers_is_cut_off_by_the_git_timeout(tmp_path: Path, monkeypatch):
+    """Asserts: a server that accepts the connection and then says nothing (a stalled or
+    hostile remote) ends the sync with a SourceError naming the source within the git
+    timeout, instead of hanging the flow."""
+    import socket
+    import threading
+    import time
+
+    from codeadapt import sources
+
+    monkeypatch.setattr(sources, "GIT_TIMEOUT_S", 3)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(srv.accept()[0]), daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/repo.git"
+    tic = time.monotonic()
+    with pytest.raises(SourceError, match="'stalled'"):
+        sync_source("stalled", spec(url), tmp_path / "repos", tmp_path)
+    assert time.monotonic() - tic < 30
+    srv.close()
