@@ -170,3 +170,20 @@ def test_a_remote_that_never_answers_is_cut_off_by_the_git_timeout(tmp_path: Pat
         sync_source("stalled", spec(url), tmp_path / "repos", tmp_path)
     assert time.monotonic() - tic < 30
     srv.close()
+
+
+def test_ssh_runs_in_batch_mode_and_never_prompts(tmp_path: Path, monkeypatch):
+    """Asserts: for an ssh URL git starts ssh with BatchMode=yes (no password or host-key
+    prompt can block a nightly run; recorded by an `ssh` stand-in first on PATH), and the
+    failure is a SourceError naming the source."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "ssh-argv"
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 255\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SourceError, match="'over-ssh'"):
+        sync_source("over-ssh", spec("ssh://git@example.invalid/repo.git"), tmp_path / "repos", tmp_path)
+    assert "BatchMode=yes" in log.read_text()
