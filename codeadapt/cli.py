@@ -47,6 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.phase not in PHASE_FLOWS:
         print(f"unknown phase {args.phase!r}; choose from {sorted(PHASE_FLOWS)}", file=sys.stderr)
         return 2
+    if settings.runner.kind == "dask" and not settings.runner.address:
+        from flows.runners import share_temporary_server
+
+        share_temporary_server()  # a local cluster's workers report to this run's server
     flow = PHASE_FLOWS[args.phase].with_options(task_runner=task_runner(settings.runner))
     result = flow(config=args.config, profile=args.profile, overrides=args.overrides,
                   models=not args.data_only)

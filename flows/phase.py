@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
+from prefect.utilities.annotations import opaque, quote
 
 from codeadapt import changes, parallel, plan, report, train
 from codeadapt import examples as ex_mod
@@ -44,28 +45,32 @@ def build_data(settings: Settings, targets: list[str],
                            (settings.split.valid, settings.split.test, settings.split.salt))
     seed = str(settings.seed)
     by_symbol = set(settings.split.by_symbol)
-    # Each source goes on to parse and examples as soon as its own sync is done: no barrier
-    # after the slowest clone (at 1,000 sources the syncs alone took 90 s).
-    syncs = t.sync_repo.map(names, [specs[n] for n in names], unmapped(repos), unmapped(root))
-    name_of = {id(f): n for n, f in zip(names, syncs)}
+    # Each source goes on to parse and examples as soon as its own sync is done, and syncs are
+    # submitted a window at a time, so the task queue interleaves them: at 1,000 sources the
+    # syncs alone took 90 s before the first parse started.
     synced: dict[str, Checkout] = {}
     failures: dict[str, SyncFailure] = {}
     extractions: dict[str, Any] = {}
     made: dict[str, Any] = {}
-    for fut in as_completed(list(syncs)):
-        name = name_of[id(fut)]
-        try:
-            co = synced[name] = fut.result()
-        except Exception as exc:  # the task's state holds it; other sources go on
-            failures[name] = t.failure_of(name, specs[name], exc)
-            log.error("source %s failed to sync: %s", name, exc)
-            continue
-        if co.generator == "python":
-            extractions[name] = t.extract_repo.submit(co, settings.limits.max_file_bytes)
-            made[name] = t.make_examples.submit(co, extractions[name], quotas[name],
-                                                replace(limits, by_symbol=co.group in by_symbol), seed)
-        else:
-            made[name] = t.html_examples.submit(co, seed, limits.split)
+    window = 2 * settings.runner.max_workers if settings.runner.kind == "threads" else len(names)
+    for start in range(0, len(names), max(window, 1)):
+        batch = names[start:start + max(window, 1)]
+        syncs = t.sync_repo.map(batch, [specs[n] for n in batch], unmapped(repos), unmapped(root))
+        name_of = {id(f): n for n, f in zip(batch, syncs)}
+        for fut in as_completed(list(syncs)):
+            name = name_of[id(fut)]
+            try:
+                co = synced[name] = fut.result()
+            except Exception as exc:  # the task's state holds it; other sources go on
+                failures[name] = t.failure_of(name, specs[name], exc)
+                log.error("source %s failed to sync: %s", name, exc)
+                continue
+            if co.generator == "python":
+                extractions[name] = t.extract_repo.submit(co, settings.limits.max_file_bytes)
+                made[name] = t.make_examples.submit(co, opaque(extractions[name]), quotas[name],
+                                                    replace(limits, by_symbol=co.group in by_symbol), seed)
+            else:
+                made[name] = t.html_examples.submit(co, seed, limits.split)
     checkouts = {n: synced[n] for n in names if n in synced}  # config order, not finish order
     failures = {n: failures[n] for n in names if n in failures}
     hand_paths = {rel: f for p in phases for rel, f in plan.handwritten_files(settings, p).items()}
@@ -102,8 +107,10 @@ def build_data(settings: Settings, targets: list[str],
         members = [*settings.phase_sources(p), *plan.handwritten_files(settings, p)]
         items: list[Example] = [e for n in members for e in per_source.get(n, [])]
         inputs = plan.phase_inputs(settings, p, checkouts, {n: f.error for n, f in failures.items()})
+        # quote: Prefect would walk every message of every example looking for futures
+        # (a minute at 1,000 sources); opaque above: it waits for the parse, never walks it.
         manifests[p] = t.build_dataset.with_options(task_run_name=f"build_dataset[{p}]")(
-            p, items, checkouts, data / p, settings.split.model_dump(), inputs,
+            p, quote(items), checkouts, data / p, settings.split.model_dump(), inputs,
             {n: stats[n] for n in members if n in stats}, budget)
         _counts_artifact(p, manifests[p])
     return manifests

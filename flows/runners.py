@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -21,3 +22,18 @@ def task_runner(spec: RunnerSpec) -> Any:
         return DaskTaskRunner(cluster_kwargs={"n_workers": spec.n_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     return ThreadPoolTaskRunner(max_workers=spec.max_workers)
+
+
+def share_temporary_server() -> str | None:
+    """Dask workers are other processes. Without `PREFECT_API_URL` each would start a temporary
+    Prefect server of its own, and the task runs would be recorded there, not in this run:
+    start this process's temporary server now and pass its URL to the workers, which inherit
+    the environment. Nothing to do when a server is configured. Returns the URL set."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url

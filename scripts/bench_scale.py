@@ -109,6 +109,10 @@ def one_build(config: Path) -> dict:
     with get_client(sync_client=True) as client:  # starts the temporary server, kept for the flow
         client.hello()
     server_s = time.perf_counter() - tic
+    if settings.runner.kind == "dask":
+        from flows.runners import share_temporary_server
+
+        share_temporary_server()  # the workers report to this server, not temporary ones of their own
     flow = PHASE_FLOWS["phase5"].with_options(task_runner=task_runner(settings.runner))
     tic = time.perf_counter()
     state = flow(config=str(config), models=False, return_state=True)
