@@ -14,7 +14,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import opaque, quote
 
 from codeadapt import changes, parallel, plan, report, train
@@ -52,7 +54,11 @@ def build_data(settings: Settings, targets: list[str],
     failures: dict[str, SyncFailure] = {}
     extractions: dict[str, Any] = {}
     made: dict[str, Any] = {}
-    window = 2 * settings.runner.max_workers if settings.runner.kind == "threads" else len(names)
+    threads = isinstance(getattr(FlowRunContext.get(), "task_runner", None), ThreadPoolTaskRunner)
+    window = 2 * settings.runner.max_workers if threads else len(names)
+    # opaque: Prefect waits for the parse but never walks it; prefect-dask cannot resolve a
+    # wrapped future, so under Dask the parse goes as is.
+    parse_arg = opaque if threads else (lambda fut: fut)
     for start in range(0, len(names), max(window, 1)):
         batch = names[start:start + max(window, 1)]
         syncs = t.sync_repo.map(batch, [specs[n] for n in batch], unmapped(repos), unmapped(root))
@@ -67,7 +73,7 @@ def build_data(settings: Settings, targets: list[str],
                 continue
             if co.generator == "python":
                 extractions[name] = t.extract_repo.submit(co, settings.limits.max_file_bytes)
-                made[name] = t.make_examples.submit(co, opaque(extractions[name]), quotas[name],
+                made[name] = t.make_examples.submit(co, parse_arg(extractions[name]), quotas[name],
                                                     replace(limits, by_symbol=co.group in by_symbol), seed)
             else:
                 made[name] = t.html_examples.submit(co, seed, limits.split)

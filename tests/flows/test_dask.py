@@ -50,4 +50,8 @@ def test_dask_build_has_the_same_manifest_hashes(prefect_server, tmp_path: Path,
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])), limit=200)
     made = [r.name for r in runs if r.name.startswith("make_examples[")]
-    assert len(made) == len(threads["phase6"]["counts"]["source"]) >= 11, sorted(r.name for r in runs)
+    from codeadapt.config import load_settings
+
+    settings = load_settings(cfg, overrides=overrides(tmp_path / "dask"))
+    python = {n for n, s in settings.phase_sources("phase7").items() if s.generator == "python"}
+    assert sorted(made) == sorted(f"make_examples[{n}]" for n in python) and len(python) == 11
