@@ -7,6 +7,7 @@ local `path` directories are snapshotted into a Git repo whose commit is content
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import shutil
@@ -171,16 +172,51 @@ def _dir_files(src: Path) -> dict[str, Path]:
     return files
 
 
+def _mirror(dest: Path, files: dict[str, Path]) -> None:
+    """Make the work tree of `dest` hold exactly `files`, touching only what differs: an
+    unchanged file keeps its inode and mtime, a changed one is replaced by rename. Another run
+    reading this checkout (generating or replaying examples) while this one re-syncs an
+    unchanged source sees no file vanish or change (it did when the tree was rewritten)."""
+    wanted = set(files)
+    dirs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(dest, followlinks=False):
+        base = Path(dirpath)
+        if base == dest:
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+        for d in [d for d in dirnames if (base / d).is_symlink()]:
+            (base / d).unlink()
+            dirnames.remove(d)
+        for name in filenames:
+            p = base / name
+            if p.is_symlink() or p.relative_to(dest).as_posix() not in wanted:
+                p.unlink()
+        dirs += [base / d for d in dirnames]
+    for d in reversed(dirs):  # deepest first; only those the pass above emptied
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    for rel, src in sorted(files.items()):
+        target = dest / rel
+        if target.is_file() and not target.is_symlink() and _same_file(src, target):
+            continue
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.sync-tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 def _snapshot(dest: Path, files: dict[str, Path], message: str) -> str:
     """Mirror `files` into the work tree of `dest` and commit if anything changed."""
     repo = git.Repo(dest) if (dest / ".git").is_dir() else git.Repo.init(dest)
-    for child in dest.iterdir():
-        if child.name != ".git":
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    for rel, path in sorted(files.items()):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+    _mirror(dest, files)
     _git(repo, "add", "--all", "--force", ".")
     if repo.head.is_valid() and not _git(repo, "status", "--porcelain"):
         return repo.head.commit.hexsha

@@ -187,3 +187,27 @@ def test_ssh_runs_in_batch_mode_and_never_prompts(tmp_path: Path, monkeypatch):
     with pytest.raises(SourceError, match="'over-ssh'"):
         sync_source("over-ssh", spec("ssh://git@example.invalid/repo.git"), tmp_path / "repos", tmp_path)
     assert "BatchMode=yes" in log.read_text()
+
+
+def test_resyncing_an_unchanged_snapshot_touches_no_file(tmp_path: Path):
+    """Asserts: syncing an unchanged `path` source again leaves every work-tree file as it was
+    (same inode and mtime: a run reading the checkout meanwhile sees nothing vanish), while a
+    changed, added and removed file is mirrored and committed."""
+    src = tmp_path / "proj"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("A = 1\n")
+    (src / "pkg" / "b.py").write_text("B = 1\n")
+    spec_ = SourceSpec(kind="path", path="proj", group="g")
+    first = sync_source("p", spec_, tmp_path / "repos", tmp_path)
+    tree = Path(first.path)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tree.rglob("*.py")}
+    assert sync_source("p", spec_, tmp_path / "repos", tmp_path).commit == first.commit
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tree.rglob("*.py")} == before
+    (src / "pkg" / "a.py").write_text("A = 2\n")
+    (src / "pkg" / "b.py").unlink()
+    (src / "c.py").write_text("C = 1\n")
+    moved = sync_source("p", spec_, tmp_path / "repos", tmp_path)
+    assert moved.commit != first.commit
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if ".git" not in p.parts) == [
+        "c.py", "pkg", "pkg/a.py"]
+    assert (tree / "pkg" / "a.py").read_text() == "A = 2\n"
