@@ -166,7 +166,7 @@ _FUZZY = re.compile(r"\{[^}]*[a-zA-Z]")
 
 
 def scannable(pattern: str) -> bool:
-    """Whether `matching_lines` may scan whole texts for `pattern` (see the note above)."""
+    """Whether `TreeIndex.grep` may scan whole texts for `pattern` (see the note above)."""
     if _POSSESSIVE.search(pattern) or _STRING_ANCHOR.search(pattern) or _FUZZY.search(pattern):
         return False
     i = pattern.find("(?")
