@@ -18,6 +18,7 @@ from typing import Any
 import tree_sitter_python
 from tree_sitter import Language, Node, Parser, Query, QueryCursor
 
+from codeadapt import grepindex
 from codeadapt.records import Extraction, FileInfo, Import, Symbol
 
 EXTRACTOR_VERSION = "2"  # part of cache keys: bump whenever extraction output changes
@@ -39,7 +40,6 @@ DROPPED_UNREADABLE = "dropped_unreadable"  # lstat/open/read raised OSError
 # A path with a control character (a newline in a file name) would break the one-hit-per-line
 # grep results every example shows: such files are neither parsed nor searched.
 DROPPED_BAD_NAME = "dropped_bad_name"
-BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
 STAT_KEYS = (
     FILES_SEEN, FILES_PARSED, SYMBOLS, IMPORTS, SYNTAX_ERRORS, DROPPED_BINARY,
     DROPPED_NON_UTF8, DROPPED_OVERSIZE, DROPPED_SYMLINK, DROPPED_SPECIAL, DROPPED_UNREADABLE,
@@ -423,7 +423,7 @@ def extract_files(root: str, rels: list[str], max_file_bytes: int) -> list[tuple
     """(drop reason or "", parse) of each file in `rels`, relative to `root`."""
     out: list[tuple[str, FileInfo | None]] = []
     for rel in rels:
-        if BAD_NAME.search(rel):
+        if grepindex.BAD_NAME.search(rel):
             out.append((DROPPED_BAD_NAME, None))
             continue
         data, dropped = _read(Path(root, rel), max_file_bytes)

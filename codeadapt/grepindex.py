@@ -57,7 +57,7 @@ def _read(file: Path, max_bytes: int) -> list[str] | None:
 
 
 SAMPLE_BYTES = 1_000_000
-_BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")  # a control character in a path (grep and extract skip it)
 
 
 class TreeIndex:
@@ -70,7 +70,7 @@ class TreeIndex:
         found = []
         for p in walk(root) if paths is None else paths:
             rel = p.relative_to(root).as_posix()
-            if _BAD_NAME.search(rel):  # a newline in a name would break `path:line:text`
+            if BAD_NAME.search(rel):  # a newline in a name would break `path:line:text`
                 continue
             lines = _read(p, max_bytes)
             if lines is not None:

@@ -41,10 +41,6 @@ def configure(processes: int) -> int:
     return n
 
 
-def size() -> int:
-    return _size
-
-
 def _get() -> ProcessPoolExecutor | None:
     global _pool
     with _lock:

@@ -54,13 +54,13 @@ def build_data(settings: Settings, targets: list[str],
     failures: dict[str, SyncFailure] = {}
     extractions: dict[str, Any] = {}
     made: dict[str, Any] = {}
-    threads = isinstance(getattr(FlowRunContext.get(), "task_runner", None), ThreadPoolTaskRunner)
-    window = 2 * settings.runner.max_workers if threads else len(names)
+    threads = on_threads()
+    window = max(2 * settings.runner.max_workers if threads else len(names), 1)
     # opaque: Prefect waits for the parse but never walks it; prefect-dask cannot resolve a
     # wrapped future, so under Dask the parse goes as is.
     parse_arg = opaque if threads else (lambda fut: fut)
-    for start in range(0, len(names), max(window, 1)):
-        batch = names[start:start + max(window, 1)]
+    for start in range(0, len(names), window):
+        batch = names[start:start + window]
         syncs = t.sync_repo.map(batch, [specs[n] for n in batch], unmapped(repos), unmapped(root))
         name_of = {id(f): n for n, f in zip(batch, syncs)}
         for fut in as_completed(list(syncs)):
@@ -272,6 +272,12 @@ def _trained_on(adapters: Path, phase: str, manifest: dict[str, Any]) -> dict[st
     return {"examples": manifest["counts"]["split"].get("train", 0), "training": None}
 
 
+def on_threads() -> bool:
+    """Whether this flow run's tasks run on Prefect's thread pool (one process, one GIL) — the
+    runner actually in use, which a deployment may set apart from `[runner]`."""
+    return isinstance(getattr(FlowRunContext.get(), "task_runner", None), ThreadPoolTaskRunner)
+
+
 def trusted_results() -> Path:
     """Prefect's result storage, refused when others can write it (results are unpickled)."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
@@ -284,7 +290,7 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
     settings = load_settings(config, profile=profile, overrides=overrides)
     trusted_results()
     # Threads share one GIL: parse and generate in worker processes. Dask workers already are.
-    parallel.configure(settings.runner.processes if settings.runner.kind == "threads" else 1)
+    parallel.configure(settings.runner.processes if on_threads() else 1)
     for d in (settings.paths.data, settings.paths.adapters):  # a run killed mid-publish
         for name in recover_all(settings.resolve(d)):
             get_run_logger().warning("restored %s/%s: a killed run had moved it aside", d, name)
