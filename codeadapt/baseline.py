@@ -4,9 +4,13 @@ and tool results), never the expected turn or the example's kind.
 
 Rules, first turn: a backticked name (else the last identifier-like word) and the question's
 keywords pick a search — subclasses, decorator uses, importers, async functions, an HTML
-check by its keyword, else "where is X defined". After a grep: a "show / explain" question
-reads the first hit from its line; otherwise the answer restates the hits. After a read: the
-answer quotes the code read ("show") or its docstring's first line ("explain").
+check by its keyword, else "where is X defined". A question that names no identifier (it
+describes behaviour) greps its longest pair of adjacent plain words. After a grep: a "show /
+explain" question reads the first hit from its line, a described one reads a window around
+it; otherwise the answer restates the hits. After a read: the answer quotes the code read
+("show"), its docstring's first line ("explain"), or the definition above the hit
+(described). A follow-up with no name after a read answers from that read: the parameters in
+the `def` line, or the `@` lines above it.
 """
 
 from __future__ import annotations
@@ -46,8 +50,28 @@ def _name(question: str) -> str:
     return words[-1] if words else question.strip()
 
 
-def first_turn(question: str) -> str:
+_STOP = frozenset("the and for with from into that this which what where does code part find "
+                  "function definition something there".split())
+_CODE_WORD = re.compile(r"`|\w+\(\)|\b[a-z]+_\w+|\b[a-z]+[A-Z]\w*|\b[A-Z][a-z]+[A-Z]\w*|\w\.\w")
+
+
+def described(question: str, repo: str = "") -> str | None:
+    """For a question of 7 words or more that names no identifier: its longest pair of
+    adjacent plain words (not the repository's name)."""
+    if _CODE_WORD.search(question) or _HTML_PATH.search(question) or len(question.split()) < 7:
+        return None
+    words = re.findall(r"[A-Za-z]+|\S", question)
+    stop = _STOP | {repo.lower()}
+    pairs = [f"{a} {b}" for a, b in zip(words, words[1:]) if a.isalpha() and b.isalpha()
+             and a.lower() not in stop and b.lower() not in stop and len(a) > 2 and len(b) > 2]
+    return max(pairs, key=len) if pairs else None
+
+
+def first_turn(question: str, repo: str = "") -> str:
     """The search a rule picks for a question."""
+    phrase = described(question, repo)
+    if phrase:
+        return _call("grep", {"pattern": phrase, "glob": "*.py"})
     html = _HTML_PATH.search(question)
     if html:
         for keyword, pattern in HTML_CHECKS:
@@ -69,6 +93,9 @@ def first_turn(question: str) -> str:
 
 def after_grep(question: str, result: str) -> str:
     hits = parse_hits(result)
+    if hits and described(question):
+        return _call("read_file", {"path": hits[0][0], "start_line": max(1, hits[0][1] - 6),
+                                   "end_line": hits[0][1] + 4})
     if hits and (SHOW.search(question) or EXPLAIN.search(question)) and not _HTML_PATH.search(question):
         return _call("read_file", {"path": hits[0][0], "start_line": hits[0][1]})
     if not hits:
@@ -78,8 +105,37 @@ def after_grep(question: str, result: str) -> str:
     return f"{len(hits)} matches:\n" + "\n".join(f"- `{p}`, line {n}" for p, n, _ in hits)
 
 
+def _enclosing(result: str, hit: int) -> tuple[str, int] | None:
+    found = None
+    for m in re.finditer(r"(?m)^(\d+): \s*(?:async\s+def|def|class)\s+(\w+)", result):
+        if int(m[1]) <= hit:
+            found = m[2], int(m[1])
+    return found
+
+
+def followup(question: str, result: str) -> str:
+    """A follow-up answered from the last read: parameters or decorators."""
+    code = "\n".join(code_of(result))
+    m = re.search(r"(?:def|class)\s+(\w+)", code)
+    name = m[1] if m else "it"
+    if re.search(r"decorat", question, re.I):
+        decs = [ln.strip() for ln in code[: m.start() if m else 0].splitlines() if ln.strip().startswith("@")]
+        return (f"Yes: `{name}` is decorated with " + ", ".join(f"`{d}`" for d in decs) + "."
+                if decs else f"No, `{name}` has no decorators.")
+    sig = re.search(r"def\s+\w+\s*\((.*?)\)\s*(?:->[^:]*)?:", code, re.S)
+    params = [" ".join(p.split()) for p in re.split(r",(?![^\[(]*[\])])", sig[1]) if p.strip()] if sig else []
+    params = [p for p in params if p not in ("*", "/")]
+    if not params:
+        return f"`{name}` takes no parameters."
+    return f"`{name}` takes {len(params)} parameters: " + ", ".join(f"`{p}`" for p in params) + "."
+
+
 def after_read(question: str, result: str, args: dict[str, Any]) -> str:
     lines = code_of(result)
+    if described(question) and isinstance(args.get("end_line"), int):
+        found = _enclosing(result, max(1, args["end_line"] - 4))
+        if found:
+            return f"The function `{found[0]}` in `{args.get('path')}`, line {found[1]}."
     nums = [int(m[1]) for m in re.finditer(r"(?m)^(\d+): ", result)]
     where = f"`{_name(question)}` is in `{args.get('path')}`, lines {nums[0]}–{nums[-1]}" if nums else ""
     if EXPLAIN.search(question) and not SHOW.search(question):
@@ -94,8 +150,13 @@ def rule_output(messages: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> 
     """The rule baseline's completion for a prompt's messages (the model's view)."""
     question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     last = messages[-1]
+    reads = [m for m in messages if m.get("role") == "tool" and m.get("name") == "read_file"]
+    if last.get("role") == "user" and reads and not _CODE_WORD.search(question):
+        return followup(question, reads[-1].get("content", ""))
     if last.get("role") != "tool":
-        return first_turn(question)
+        system = messages[0].get("content", "") if messages else ""
+        repo = re.search(r"in the (\S+) repository", system)
+        return first_turn(question, repo[1] if repo else "")
     call = next(m for m in reversed(messages) if m.get("tool_calls"))["tool_calls"][0]["function"]
     args = call.get("arguments")
     args = json.loads(args) if isinstance(args, str) else args

@@ -23,11 +23,12 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "5"
+GENERATOR_VERSION = "6"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async", "grep_refine")
-READ_KINDS = ("read_class", "read_function", "read_method", "followup_read")
-EXPLAIN_KINDS = ("explain_symbol",)
+READ_KINDS = ("read_class", "read_function", "read_method", "followup_read", "followup_params",
+              "followup_decorated")
+EXPLAIN_KINDS = ("explain_symbol", "find_behaviour")
 QUOTE_LINES = 8  # a "show me" answer quotes at most this many lines of what it read
 HIT_RE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+):(?P<text>.*)$")
 

@@ -7,6 +7,13 @@ and a search that misses and is refined.
   nothing, so the model searches again for definitions that start with the part before the
   typo and answers with what that finds. The refined pattern is a rule the model can apply to
   any miss: keep the name up to the first letter it cannot trust.
+- `find_behaviour`: the question describes what a definition does (its docstring's first
+  sentence, verb re-inflected) without naming it; the model picks a distinctive phrase of the
+  description to grep for, reads a window around the one hit (`BEHIND` lines above it to
+  `AHEAD` below: the enclosing `def` is on screen) and names the definition it found.
+- `followup_params` / `followup_decorated`: after "show me X" (grep → read → code), a second
+  question whose answer is already on screen (X's parameters; whether and how it is
+  decorated) is answered from that read with no new call.
 
 Every call runs on the checkout and must agree with the parse, as in `codeadapt.examples`.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from itertools import zip_longest
 
 from codeadapt import chat, tools, wordings
 from codeadapt.examples import (
@@ -24,6 +32,9 @@ from codeadapt.examples import (
     _grep,
     _public,
     _read_trajectory,
+    _usable_doc,
+    clean_doc,
+    code_of,
     definition_pattern,
     show_answer,
 )
@@ -109,4 +120,148 @@ def refine_answer(typo: str, prefix: str, hits: list[tuple[str, int, str]]) -> s
     return f"Nothing is named `{typo}`.{likely} Definitions starting with `{prefix}`:\n{items}"
 
 
-GENERATORS = {"followup_read": gen_followup_read, "grep_refine": gen_grep_refine}
+BEHIND, AHEAD = 6, 4  # a hit inside a definition: read from BEHIND lines above it to AHEAD below
+MAX_PHRASE_TRIES = 6  # greps tried per described definition before giving up on it
+_STOP = frozenset("a an the of to and or for in on by with from as is be it its this that these "
+                  "those into at if not no all any".split())
+VERBS = frozenset("""add apply build call check clean close collect compare compute configure convert
+copy create decode delete detect determine dispatch emit encode ensure escape evaluate execute
+extract fetch fill filter find format generate get handle initialize initialise insert inspect
+install iterate join load look make mark match merge normalize normalise open parse patch perform
+prepare print process produce raise read receive record register reload remove render replace
+reset resolve restore retrieve return run save scan search select send serialize set show sort
+split start stop store strip turn unwrap update upload validate verify wait walk wrap write
+yield""".split())
+_DEF_LINE = re.compile(r"^\d+: \s*(?:async\s+def|def|class)\s+(\w+)")
+
+
+def third_person(verb: str) -> str:
+    if verb.endswith(("s", "sh", "ch", "x", "z")):
+        return verb + "es"
+    if verb.endswith("y") and verb[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+_THIRD = {third_person(v): v for v in VERBS}
+
+
+def describe(doc: str, name: str) -> tuple[str, str, str] | None:
+    """(base-form clause, third-person clause, the sentence) for a docstring whose first
+    sentence starts with a verb ("Return the app." -> "return the app", "returns the app");
+    None when it does not, is too short or long, or names the definition itself."""
+    sentence = re.split(r"(?<=[.!?])\s", clean_doc(doc))[0].rstrip(".!?")
+    words = re.split(r"[;:]|\s[(\u2014-]", sentence)[0].split()  # the main clause
+    if not 4 <= len(words) <= 16:
+        return None
+    first = words[0].lower()
+    verb = first if first in VERBS else _THIRD.get(first)
+    rest = " ".join(words[1:])
+    if verb is None or name.lower() in rest.lower() or "`" in rest:
+        return None
+    return f"{verb} {rest}", f"{third_person(verb)} {rest}", sentence
+
+
+def phrases(clause: str) -> Iterator[str]:
+    """Search phrases from a description, two words before three, in reading order: runs of
+    plain words that neither start nor end with a stop word."""
+    words = clause.split()[1:]  # not the verb: its form in the code is unknown
+    for n in (2, 3):
+        for i in range(len(words) - n + 1):
+            run = words[i:i + n]
+            if (all(re.fullmatch(r"[A-Za-z]{2,}", w) for w in run) and run[0].lower() not in _STOP
+                    and run[-1].lower() not in _STOP and max(map(len, run)) >= 4):
+                yield " ".join(run)
+
+
+def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
+    """"Which function parses the request body?" → grep a phrase of it → read around the hit
+    → the definition that encloses it."""
+    def want(s) -> bool:
+        return s.kind in {"function", "method"} and _public(s) and _usable_doc(s.docstring)
+
+    for s in _candidates(ctx, "find_behaviour", want):
+        described = describe(s.docstring, s.name)
+        if described is None:
+            ctx.stats["dropped_doc_not_a_description"] += 1
+            yield None
+            continue
+        did, does, sentence = described
+        found = None
+        for phrase in list(phrases(did))[:MAX_PHRASE_TRIES]:
+            got = _grep(ctx, {"pattern": phrase, "glob": "*.py"})
+            if got is not None and len(got[1]) == 1:
+                found = phrase, got
+                break
+        if found is None:
+            ctx.stats["dropped_no_distinctive_phrase"] += 1
+            yield None
+            continue
+        phrase, (gres, hits) = found
+        path, line, _ = hits[0]
+        rargs = {"path": path, "start_line": max(1, line - BEHIND), "end_line": line + AHEAD}
+        rres = tools.execute(ctx.root, "read_file", rargs)
+        above = [m[1] for ln in rres.splitlines() if (m := _DEF_LINE.match(ln))
+                 and int(ln.split(":", 1)[0]) <= line]
+        if (path, s.name) != (s.path, above[-1] if above else None) or not s.def_line < line <= s.end_line:
+            ctx.stats["dropped_phrase_not_in_its_docstring"] += 1
+            yield None
+            continue
+        question = wordings.pick("find_behaviour", ctx.rng("find_behaviour", s.qualname, "phrase"),
+                                 ctx.in_test(s.path, s.start_line), repo=ctx.source, did=did, does=does)
+        what = {"function": "function", "method": "method"}[s.kind]
+        answer = f"The {what} `{s.name}` in `{s.path}`, line {s.def_line}. Its docstring: {sentence}."
+        msgs = [chat.user(question), chat.tool_call("call_1", "grep", {"pattern": phrase, "glob": "*.py"}),
+                chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
+                chat.tool_result("call_2", "read_file", rres), chat.assistant(answer)]
+        yield ctx.example(msgs, "find_behaviour", s.path, s.start_line, s.end_line)
+
+
+def params_answer(s) -> str:
+    params = [" ".join(p.split()) for p in s.parameters if p not in ("*", "/")]
+    if not params:
+        return f"`{s.name}` takes no parameters."
+    return (f"`{s.name}` takes {len(params)} parameter{'s' * (len(params) > 1)}: "
+            + ", ".join(f"`{p}`" for p in params) + ".")
+
+
+def decorated_answer(s) -> str:
+    if not s.decorators:
+        return f"No, `{s.name}` has no decorators."
+    return f"Yes: `{s.name}` is decorated with " + ", ".join(
+        f"`@{' '.join(d.split())}`" for d in s.decorators) + "."
+
+
+def _followups(ctx: Ctx, kind: str, cands, answer, shown) -> Iterator[Example | None]:
+    """"Show me X" (grep → read → code), then a question answered from that read."""
+    for s in cands:
+        got = _read_trajectory(ctx, f"read_{s.kind}", s)
+        if got is None or not shown(s, "\n".join(code_of(got[1]))):
+            ctx.stats["dropped_followup_not_on_screen"] += got is not None
+            yield None
+            continue
+        msgs, rres = got
+        follow = wordings.pick(kind, ctx.rng(kind, s.qualname, "q2"), ctx.in_test(s.path, s.start_line))
+        convo = [*msgs, chat.assistant(show_answer(s, rres)), chat.user(follow), chat.assistant(answer(s))]
+        yield ctx.example(convo, kind, s.path, s.start_line, s.end_line)
+
+
+def gen_followup_params(ctx: Ctx) -> Iterator[Example | None]:
+    want = lambda s: s.kind in {"function", "method"} and _public(s)  # noqa: E731
+    return _followups(ctx, "followup_params", _candidates(ctx, "followup_params", want),
+                      params_answer, lambda s, code: all(p in code for p in s.parameters))
+
+
+def gen_followup_decorated(ctx: Ctx) -> Iterator[Example | None]:
+    """Decorated and plain definitions alternate, so "yes" and "no" are both taught."""
+    want = lambda s: s.kind in {"class", "function", "method"} and _public(s)  # noqa: E731
+    cands = _candidates(ctx, "followup_decorated", want)
+    yes, no = [s for s in cands if s.decorators], [s for s in cands if not s.decorators]
+    mixed = [s for pair in zip_longest(yes, no) for s in pair if s is not None]
+    return _followups(ctx, "followup_decorated", mixed, decorated_answer,
+                      lambda s, code: all("@" + d.splitlines()[0] in code for d in s.decorators))
+
+
+GENERATORS = {"followup_read": gen_followup_read, "grep_refine": gen_grep_refine,
+              "find_behaviour": gen_find_behaviour, "followup_params": gen_followup_params,
+              "followup_decorated": gen_followup_decorated}

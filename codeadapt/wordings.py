@@ -153,6 +153,54 @@ WORDINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# A definition described by what it does (its docstring's first sentence), not by its name:
+# `{did}` is that sentence with the verb in the base form ("parse the request body"), `{does}`
+# in the third person ("parses the request body"). The model has to choose search terms.
+WORDINGS["find_behaviour"] = (
+    "Where does {repo} {did}?",
+    "Which function in {repo} {does}?",
+    "Find the code that {does}.",
+    "I need the part of {repo} that {does}. Where is it?",
+    "where is the code that {does}",
+    "Which definition {does}?",
+    "Is there something in {repo} that {does}? Where?",
+    "{repo}: where do we {did}?",
+    "Point me to whatever {does}.",
+    "What in {repo} {does}?",
+    "Where's the logic to {did}?",
+    "Something here should {did} - which file and line?",
+)
+
+# Follow-ups after "show me X" (the code is on screen): answered from that read, no new call.
+WORDINGS["followup_params"] = (
+    "What parameters does it take?",
+    "Which arguments does it accept?",
+    "What are its arguments?",
+    "and its parameters?",
+    "What do I pass to it?",
+    "Which parameters are in its signature?",
+    "What does it take as input?",
+    "List its parameters.",
+    "what args does it have",
+    "Which arguments can I give it?",
+    "What goes in its parameter list?",
+    "And what are the parameters?",
+)
+WORDINGS["followup_decorated"] = (
+    "Is it decorated?",
+    "Does it have any decorators?",
+    "Any decorators on it?",
+    "Is there a decorator on that definition?",
+    "is it wrapped in a decorator",
+    "Which decorators does it use, if any?",
+    "Does anything decorate it?",
+    "Has it got a decorator?",
+    "does it carry a decorator?",
+    "Is a decorator applied to it?",
+    "Are there decorators above it?",
+    "Tell me whether it is decorated.",
+)
+
 # A follow-up after "where is X defined?": X is the one just found (no name needed).
 WORDINGS["followup_read"] = (
     "Show me its code.",

@@ -88,3 +88,19 @@ def test_scores_are_also_split_by_whether_the_repository_was_trained_on(prompts)
         mine = [r["score"]["correct"] for r in calls if r["held_out"] == held]
         assert by[origin]["tool_call"]["n"] == len(mine) and by[origin]["tool_call"]["k"] == sum(mine)
     assert "held_out_repos" not in evaluate_rules(prompts, EvalSpec(max_tokens=96))["metrics_by_origin"]
+
+
+def test_rules_search_a_described_behaviour_and_answer_follow_ups_from_the_read() -> None:
+    q = "Which function in r parses the request body into form fields?"
+    first = baseline.rule_output([chat.system("r"), chat.user(q)])
+    assert '"pattern": "request body"' in first  # the longest pair of plain words, not the repo
+    assert baseline.described("print pick from codeadapt") is None  # short: names something
+    assert baseline.described("Where is `parse_body` defined in r, please tell me?") is None
+    read = "9: @cached\n10: def parse_body(self, raw: bytes, *, limit: int = 10) -> dict:\n11:     pass"
+    msgs = [chat.system("r"), chat.user("Show me `parse_body`."),
+            chat.tool_call("c1", "read_file", {"path": "a.py", "start_line": 10}),
+            chat.tool_result("c1", "read_file", read), chat.assistant("..."), chat.user("What are its arguments?")]
+    assert baseline.rule_output(msgs) == ("`parse_body` takes 3 parameters: `self`, `raw: bytes`, "
+                                          "`limit: int = 10`.")
+    msgs[-1] = chat.user("Is it decorated?")
+    assert baseline.rule_output(msgs) == "Yes: `parse_body` is decorated with `@cached`."

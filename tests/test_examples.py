@@ -18,7 +18,7 @@ ROOT = Path(codeadapt.__file__).parent
 @pytest.fixture(scope="module")
 def made() -> list:
     ext = extract_checkout(ROOT, "codeadapt", "0" * 40)
-    out, stats = examples.python_examples(ROOT, ext, {"grep": 12, "read": 12, "explain": 8})
+    out, stats = examples.python_examples(ROOT, ext, {"grep": 12, "read": 18, "explain": 12})
     assert stats["examples"] == len(out) > 20
     return out
 
@@ -35,7 +35,10 @@ def test_every_result_replays_and_every_read_starts_at_a_grep_hit(made) -> None:
         seen = ex.messages[1]["content"]
         for name, args, result in _calls(ex):
             assert tools.execute(ROOT, name, args) == result
-            if name == "read_file":
+            if name == "read_file" and ex.kind == "find_behaviour":  # a window around the hit
+                hit = int(re.search(rf"^{re.escape(args['path'])}:(\d+):", seen, re.M)[1])
+                assert (args["start_line"], args["end_line"]) == (max(1, hit - 6), hit + 4)
+            elif name == "read_file":
                 reads += 1
                 assert set(args) == {"path", "start_line"}
                 assert f"{args['path']}:{args['start_line']}:" in seen  # on screen before the call
@@ -90,11 +93,17 @@ def test_test_examples_use_wordings_no_train_example_uses(monkeypatch) -> None:
         s = split_of(ex.source, ex.path, *split)
         q = ex.messages[1]["content"]
         # Multi-step kinds open with a "where is X defined?" question.
-        asked = ("grep_class", "grep_function") if ex.kind in ("grep_refine", "followup_read") else (ex.kind,)
+        asked = {"grep_refine": ("grep_class", "grep_function"), "followup_read": ("grep_class", "grep_function"),
+                 "followup_params": ("read_function", "read_method"),
+                 "followup_decorated": ("read_class", "read_function", "read_method")}.get(ex.kind, (ex.kind,))
         allowed = [w for k in asked for w in (wordings.WORDINGS[k][-wordings.TEST_ONLY:] if s == "test"
                                               else wordings.WORDINGS[k][:-wordings.TEST_ONLY])]
-        assert any(re.fullmatch(re.escape(w).replace(r"\{name\}", ".+").replace(r"\{repo\}", "codeadapt"), q)
+        assert any(re.fullmatch(re.sub(r"\\\{(name|did|does)\\\}", ".+", re.escape(w)).replace(r"\{repo\}", "codeadapt"), q)
                    for w in allowed), (s, q)
+        if ex.kind.startswith("followup_") and ex.kind != "followup_read":  # so is the follow-up
+            follow = wordings.WORDINGS[ex.kind]
+            assert ex.messages[-2]["content"] in (follow[-wordings.TEST_ONLY:] if s == "test"
+                                                  else follow[:-wordings.TEST_ONLY])
         forms.setdefault(s, set()).add(question_form(q, ex.source))
     assert forms["test"] and forms["train"] and not forms["test"] & forms["train"]
 
@@ -118,7 +127,44 @@ def test_typos_swap_letters_of_plain_words_only() -> None:
 
 def test_multi_step_kinds_are_made_and_replay(made) -> None:
     kinds = {ex.kind for ex in made}
-    assert {"followup_read", "grep_refine"} <= kinds
+    assert {"followup_read", "grep_refine", "find_behaviour", "followup_params", "followup_decorated"} <= kinds
+
+
+def test_behaviour_questions_name_nothing_and_the_read_shows_the_enclosing_definition(made) -> None:
+    found = [e for e in made if e.kind == "find_behaviour"]
+    assert len(found) >= 3
+    sym = {(s.path, s.def_line): s for s in extract_checkout(ROOT, "codeadapt", "0" * 40).symbols()}
+    for ex in found:
+        q, answer = ex.messages[1]["content"], ex.messages[-1]["content"]
+        (g, gargs, gres), (r, rargs, rres) = _calls(ex)
+        name = re.match(r"The (?:function|method) `(\w+)`", answer)[1]
+        assert name not in q and f"`{ex.path}`" in answer
+        assert gargs["pattern"] in q and len(gres.splitlines()) == 1  # a phrase of the question, one hit
+        line = int(re.search(r"line (\d+)", answer)[1])
+        assert sym[(ex.path, line)].name == name and re.search(rf"^{line}: .*\b(def|class) {name}\b", rres, re.M)
+        assert sym[(ex.path, line)].docstring.split()[1] in answer  # quotes what was read
+
+
+def test_followups_are_answered_from_the_read_without_a_new_call(made) -> None:
+    from codeadapt.trajectories import describe
+
+    answers = {"yes": 0, "no": 0}
+    for ex in (e for e in made if e.kind in ("followup_params", "followup_decorated")):
+        roles = [m["role"] for m in ex.messages]
+        assert roles[-3:] == ["assistant", "user", "assistant"] and not ex.messages[-1].get("tool_calls")
+        assert [c[0] for c in _calls(ex)] == ["grep", "read_file"]
+        read, answer = _calls(ex)[-1][2], ex.messages[-1]["content"]
+        for item in re.findall(r"`([^`]+)`", answer)[1:]:  # every parameter / decorator named was on screen
+            assert " ".join(item.split()) in " ".join(read.split()), (item, read)
+        if ex.kind == "followup_decorated":
+            answers["yes" if answer.startswith("Yes") else "no"] += 1
+            assert answer.startswith("Yes") == any(ln.split(": ", 1)[1].lstrip().startswith("@")
+                                                  for ln in read.splitlines()[:3] if ": " in ln)
+    assert answers["yes"] and answers["no"]
+    assert describe("Return the app.", "x") is None  # too short to describe anything
+    assert describe("Returns the current application context, or None.", "get")[:2] == (
+        "return the current application context, or None", "returns the current application context, or None")
+    assert describe("Return the current app object for x.", "app") is None  # names the definition
 
 
 def test_followup_reads_from_the_first_answers_grep_hit(made) -> None:
