@@ -21,6 +21,7 @@ import textwrap
 from typing import Any
 
 from codeadapt.examples import QUOTE_LINES, code_of, definition_pattern, parse_hits
+from codeadapt.trajectories import AHEAD, BEHIND, enclosing_definition
 
 SHOW = re.compile(r"\b(show|source|implement\w*|code|read|look like|open|print|body)\b", re.I)
 EXPLAIN = re.compile(r"\b(what does|what is|what's|purpose|used for|explain|summari[sz]e|tell me)\b", re.I)
@@ -94,8 +95,8 @@ def first_turn(question: str, repo: str = "") -> str:
 def after_grep(question: str, result: str) -> str:
     hits = parse_hits(result)
     if hits and described(question):
-        return _call("read_file", {"path": hits[0][0], "start_line": max(1, hits[0][1] - 6),
-                                   "end_line": hits[0][1] + 4})
+        return _call("read_file", {"path": hits[0][0], "start_line": max(1, hits[0][1] - BEHIND),
+                                   "end_line": hits[0][1] + AHEAD})
     if hits and (SHOW.search(question) or EXPLAIN.search(question)) and not _HTML_PATH.search(question):
         return _call("read_file", {"path": hits[0][0], "start_line": hits[0][1]})
     if not hits:
@@ -103,14 +104,6 @@ def after_grep(question: str, result: str) -> str:
     if len(hits) == 1:
         return f"`{_name(question)}` is in `{hits[0][0]}` at line {hits[0][1]}."
     return f"{len(hits)} matches:\n" + "\n".join(f"- `{p}`, line {n}" for p, n, _ in hits)
-
-
-def _enclosing(result: str, hit: int) -> tuple[str, int] | None:
-    found = None
-    for m in re.finditer(r"(?m)^(\d+): \s*(?:async\s+def|def|class)\s+(\w+)", result):
-        if int(m[1]) <= hit:
-            found = m[2], int(m[1])
-    return found
 
 
 def followup(question: str, result: str) -> str:
@@ -133,7 +126,7 @@ def followup(question: str, result: str) -> str:
 def after_read(question: str, result: str, args: dict[str, Any]) -> str:
     lines = code_of(result)
     if described(question) and isinstance(args.get("end_line"), int):
-        found = _enclosing(result, max(1, args["end_line"] - 4))
+        found = enclosing_definition(result, max(1, args["end_line"] - AHEAD))
         if found:
             return f"The function `{found[0]}` in `{args.get('path')}`, line {found[1]}."
     nums = [int(m[1]) for m in re.finditer(r"(?m)^(\d+): ", result)]

@@ -146,6 +146,16 @@ def third_person(verb: str) -> str:
 _THIRD = {third_person(v): v for v in VERBS}
 
 
+def enclosing_definition(read_result: str, line: int) -> tuple[str, int] | None:
+    """(name, line) of the last `def`/`class` a read_file result shows at or above `line`."""
+    found = None
+    for ln in read_result.splitlines():
+        m = _DEF_LINE.match(ln)
+        if m and int(ln.split(":", 1)[0]) <= line:
+            found = m[1], int(ln.split(":", 1)[0])
+    return found
+
+
 def describe(doc: str, name: str) -> tuple[str, str, str] | None:
     """(base-form clause, third-person clause, the sentence) for a docstring whose first
     sentence starts with a verb ("Return the app." -> "return the app", "returns the app");
@@ -201,16 +211,14 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
         path, line, _ = hits[0]
         rargs = {"path": path, "start_line": max(1, line - BEHIND), "end_line": line + AHEAD}
         rres = tools.execute(ctx.root, "read_file", rargs)
-        above = [m[1] for ln in rres.splitlines() if (m := _DEF_LINE.match(ln))
-                 and int(ln.split(":", 1)[0]) <= line]
-        if (path, s.name) != (s.path, above[-1] if above else None) or not s.def_line < line <= s.end_line:
+        if (path, (s.name, s.def_line)) != (s.path, enclosing_definition(rres, line)) \
+                or not s.def_line < line <= s.end_line:
             ctx.stats["dropped_phrase_not_in_its_docstring"] += 1
             yield None
             continue
         question = wordings.pick("find_behaviour", ctx.rng("find_behaviour", s.qualname, "phrase"),
                                  ctx.in_test(s.path, s.start_line), repo=ctx.source, did=did, does=does)
-        what = {"function": "function", "method": "method"}[s.kind]
-        answer = f"The {what} `{s.name}` in `{s.path}`, line {s.def_line}. Its docstring: {sentence}."
+        answer = f"The {s.kind} `{s.name}` in `{s.path}`, line {s.def_line}. Its docstring: {sentence}."
         msgs = [chat.user(question), chat.tool_call("call_1", "grep", {"pattern": phrase, "glob": "*.py"}),
                 chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
                 chat.tool_result("call_2", "read_file", rres), chat.assistant(answer)]

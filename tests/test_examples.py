@@ -11,6 +11,7 @@ import pytest
 import codeadapt
 from codeadapt import examples, tools
 from codeadapt.extract import extract_checkout
+from codeadapt.trajectories import AHEAD, BEHIND
 
 ROOT = Path(codeadapt.__file__).parent
 
@@ -37,7 +38,7 @@ def test_every_result_replays_and_every_read_starts_at_a_grep_hit(made) -> None:
             assert tools.execute(ROOT, name, args) == result
             if name == "read_file" and ex.kind == "find_behaviour":  # a window around the hit
                 hit = int(re.search(rf"^{re.escape(args['path'])}:(\d+):", seen, re.M)[1])
-                assert (args["start_line"], args["end_line"]) == (max(1, hit - 6), hit + 4)
+                assert (args["start_line"], args["end_line"]) == (max(1, hit - BEHIND), hit + AHEAD)
             elif name == "read_file":
                 reads += 1
                 assert set(args) == {"path", "start_line"}
