@@ -104,14 +104,17 @@ def score_answer(task: Task, answer: str) -> tuple[bool, str, float | None, floa
     return m.ok, "" if m.ok else (m.rule if m.rule not in ("facts", "f1") else "answer"), None, None
 
 
-Generate = Callable[[list[list[dict[str, Any]]], list[tuple[dict[str, Any], ...]]], list[str]]
+# generate(conversations, their tools, their task ids) -> one completion per conversation
+Generate = Callable[[list[list[dict[str, Any]]], list[tuple[dict[str, Any], ...]], list[str]],
+                    list[str]]
 
 
 def run_tasks(tasks: Sequence[Task], generate: Generate, max_calls: int,
               markers: Markers = Markers()) -> list[Outcome]:
-    """Run every task to a final answer or `max_calls` calls. `generate(conversations, tools)`
-    returns one completion per conversation; tasks still going are generated together, one
-    turn per round, so a batched generator batches across tasks."""
+    """Run every task to a final answer or `max_calls` calls. `generate(conversations, tools,
+    ids)` returns one completion per conversation; tasks still going are generated together,
+    one turn per round, so a batched generator batches across tasks (and, by id, can continue
+    each task from its previous turn's cache)."""
     convs = {t.id: [t.system, chat.user(t.question)] for t in tasks}
     out = {t.id: Outcome(t.id, False) for t in tasks}
     active = list(tasks)
@@ -119,7 +122,8 @@ def run_tasks(tasks: Sequence[Task], generate: Generate, max_calls: int,
         if not active:
             break
         tic = time.perf_counter()
-        texts = generate([convs[t.id] for t in active], [t.tools for t in active])
+        texts = generate([convs[t.id] for t in active], [t.tools for t in active],
+                         [t.id for t in active])
         share = (time.perf_counter() - tic) / len(active)
         still = []
         for t, text in zip(active, texts):
@@ -181,15 +185,33 @@ def summarize_tasks(tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> dict[
                          for f in sorted({o.failure for o in outcomes if o.failure})}}
 
 
-def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int) -> Generate:
-    """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path)."""
-    from codeadapt.evaluate import generate_outputs
+SESSION_TOKENS = 32_768  # KV kept between turns, all tasks together (fp32 SmolLM2: ~1.5 GB)
 
-    def generate(convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]]) -> list[str]:
-        prompts = [Prompt(id=str(i), example_id=str(i), turn=len(c), messages=tuple(c), tools=t,
+
+def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int) -> Generate:
+    """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path).
+    With batching, each task's KV cache is kept from one turn to the next (up to
+    SESSION_TOKENS in all), so a turn prefills only the new call and tool result."""
+    from codeadapt.evaluate import Carried, generate_outputs
+
+    sessions: dict[str, Carried] = {}
+
+    def generate(convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]],
+                 ids: list[str]) -> list[str]:
+        prompts = [Prompt(id=i, example_id=i, turn=len(c), messages=tuple(c), tools=t,
                           expected_name=None, expected_arguments=None, expected_text="",
-                          source="", kind="", root="") for i, (c, t) in enumerate(zip(convs, tools))]
-        return generate_outputs(model, tokenizer, prompts, max_tokens, batch_size).texts
+                          source="", kind="", root="") for i, c, t in zip(ids, convs, tools)]
+        sessions_in = sessions if batch_size > 1 else None
+        texts = generate_outputs(model, tokenizer, prompts, max_tokens, batch_size,
+                                 sessions=sessions_in).texts
+        total = 0
+        for key in [k for k in ids if k in sessions]:  # keep what fits, in task order
+            total += len(sessions[key][0])
+            if total > SESSION_TOKENS:
+                del sessions[key]
+        for key in [k for k in sessions if k not in ids]:
+            del sessions[key]
+        return texts
 
     return generate
 
@@ -197,7 +219,7 @@ def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int
 def rules_generator() -> Generate:
     from codeadapt.baseline import rule_output
 
-    return lambda convs, tools: [rule_output(c) for c in convs]
+    return lambda convs, tools, ids: [rule_output(c) for c in convs]
 
 
 def outcomes_json(outcomes: Sequence[Outcome], keep_transcripts: int = 20) -> list[dict[str, Any]]:

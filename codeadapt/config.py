@@ -169,8 +169,8 @@ class EvalSpec(Strict):
     # batch_generate at 8 (mlx's batched CPU prefill and decode are slower per prompt there).
     batch_size: int = Field(
         1, ge=1, le=256,
-        description="1 = one prompt at a time (stream_generate); n > 1 = batch_generate on "
-        "chunks of n prompts")
+        description="1 = one prompt at a time (stream_generate); n > 1 = up to n prompts "
+        "decoding together, the next joining as soon as one finishes (continuous batching)")
     prefix_cache: bool = Field(
         True, description="reuse the KV cache of token prefixes prompts share (same outputs)")
     run_tools: bool = Field(True, description="execute calls on the checkouts (grep equivalence)")

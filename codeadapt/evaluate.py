@@ -136,58 +136,107 @@ def _sequential(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: in
     return outs, reused
 
 
+Carried = tuple[list[int], list[Any]]  # the tokens a KV cache holds, and the cache
+
+
 def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, batch_size: int,
-             reuse: bool) -> tuple[list[list[int]], int]:
-    """batch_generate over chunks of `batch_size` prompts: prefill each prompt alone, then
-    decode the chunk together (decode reads every weight per step, so on a CPU a batch of 8
-    costs about what one stream does). With `reuse`, prompts go in sorted token order through
-    one running KV cache trimmed back to the prefix shared with the previous prompt, and each
-    prompt decodes from a snapshot of it: every shared prefix is prefilled once."""
+             reuse: bool, carry: list[Carried | None] | None = None,
+             finals: list[Carried | None] | None = None) -> tuple[list[list[int]], int]:
+    """Continuous batching: at most `batch_size` prompts decode together, and as soon as one
+    finishes the next is prefilled and joins the running batch (mlx-lm's BatchGenerator), so
+    a short completion never waits for the longest of a fixed chunk. Each prompt is prefilled
+    alone (decode reads every weight per step, so on a CPU a batch of 8 costs about what one
+    stream does). With `reuse`, prompts go in sorted token order through one running KV cache
+    trimmed back to the prefix shared with the previous prompt, and each prompt decodes from a
+    snapshot of it: every shared prefix is prefilled once.
+
+    `carry[j]`, when given, is a cache from an earlier call that prompt j extends (an agentic
+    task's previous turn): the prompt starts from it when it shares more than the running
+    cache does, so a conversation's history is not prefilled again each turn (the carried
+    cache is consumed). `finals`, when given, receives each prompt's cache after its
+    completion, for the next call."""
     import copy
 
-    from mlx_lm.generate import batch_generate
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
 
     outs: list[list[int]] = [[] for _ in ids]
-    order = sorted(range(len(ids)), key=ids.__getitem__) if reuse else list(range(len(ids)))
-    cache = make_prompt_cache(model)
-    have: list[int] = []  # the tokens `cache` holds
-    reused = 0
-    for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        caches, lasts = [], []
-        for j in chunk:
-            p = ids[j]
-            keep = min(common_prefix(have, p), len(p) - 1) if reuse else 0
-            cache, keep = _rewind(model, cache, keep)
-            _prefill(model, cache, p[keep:-1])  # the last token starts the batched decode
-            have = p[:-1]
-            caches.append(copy.deepcopy(cache))
-            lasts.append(p[-1:])
-            reused += keep
-        resp = batch_generate(model, tokenizer, lasts, prompt_caches=caches, max_tokens=max_tokens,
-                              return_token_ids=True, completion_batch_size=len(chunk),
-                              prefill_batch_size=len(chunk))
-        for j, t in zip(chunk, resp.token_ids):
-            outs[j] = t
-    return outs, reused
+    queue = iter(sorted(range(len(ids)), key=ids.__getitem__) if reuse else range(len(ids)))
+    state: dict[str, Any] = {"cache": make_prompt_cache(model), "have": [], "reused": 0}
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         completion_batch_size=batch_size, prefill_batch_size=1)
+    active: dict[int, int] = {}  # generator uid -> prompt index
+
+    def feed() -> None:
+        j = next(queue, None)
+        if j is None:
+            return
+        p = ids[j]
+        keep = min(common_prefix(state["have"], p), len(p) - 1) if reuse else 0
+        prior = carry[j] if carry and reuse else None
+        if prior is not None and min(common_prefix(prior[0], p), len(p) - 1) > keep:
+            own, k = _rewind(model, prior[1], min(common_prefix(prior[0], p), len(p) - 1))
+            _prefill(model, own, p[k:-1])
+            state["reused"] += k
+            (uid,) = gen.insert([p[-1:]], [max_tokens], caches=[own])
+            active[uid] = j
+            return
+        state["cache"], keep = _rewind(model, state["cache"], keep)
+        _prefill(model, state["cache"], p[keep:-1])  # the last token starts the decode
+        state["have"] = p[:-1]
+        state["reused"] += keep
+        (uid,) = gen.insert([p[-1:]], [max_tokens], caches=[copy.deepcopy(state["cache"])])
+        active[uid] = j
+
+    try:
+        for _ in range(batch_size):
+            feed()
+        while active:
+            responses = gen.next_generated()
+            if not responses:  # nothing left to decode while prompts wait: a generator bug
+                raise RuntimeError(f"batch generator stalled with {len(active)} prompts unfinished")
+            for r in responses:
+                j = active[r.uid]
+                if r.finish_reason != "stop":  # the stop token is not part of the completion
+                    outs[j].append(r.token)
+                if r.finish_reason is not None:
+                    del active[r.uid]
+                    if finals is not None:  # its cache: the prompt, then what it generated
+                        seen = ids[j] + outs[j] + ([r.token] if r.finish_reason == "stop" else [])
+                        sizes = {c.size() for c in r.prompt_cache}
+                        n = sizes.pop() if len(sizes) == 1 else -1
+                        finals[j] = ((seen[:n], r.prompt_cache) if len(ids[j]) <= n <= len(seen)
+                                     else None)
+                    feed()
+    finally:
+        gen.close()
+    return outs, state["reused"]
 
 
 def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int,
-                     batch_size: int = 1, prefix_cache: bool = True) -> Generations:
-    """Greedy completions: batch_generate in chunks when batch_size > 1, else stream_generate.
+                     batch_size: int = 1, prefix_cache: bool = True,
+                     sessions: dict[str, Carried] | None = None) -> Generations:
+    """Greedy completions: continuous batching of `batch_size` streams when it is > 1, else
+    stream_generate.
 
     `prefix_cache` reuses the KV cache of token prefixes that prompts share (the system prompt
     and tool schemas, and earlier turns of the same conversation) instead of prefilling them
     again; outputs are the same as without it. Models whose cache can't be trimmed (e.g.
-    recurrent layers) run without it."""
+    recurrent layers) run without it.
+
+    `sessions` (batched path): caches kept between calls by prompt id. A prompt starts from its
+    id's cache where that shares more of it, and its cache after the completion replaces it."""
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     reuse = prefix_cache and can_trim_prompt_cache(make_prompt_cache(model))
     tic = time.perf_counter()
     if batch_size > 1:
-        outs, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse)
+        carry = [sessions.pop(p.id, None) for p in prompts] if sessions is not None else None
+        finals: list[Carried | None] | None = [None] * len(ids) if sessions is not None else None
+        outs, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse, carry, finals)
+        if sessions is not None and finals is not None:
+            sessions.update((p.id, f) for p, f in zip(prompts, finals) if f is not None)
     else:
         outs, reused = _sequential(model, tokenizer, ids, max_tokens, reuse)
     seconds = time.perf_counter() - tic

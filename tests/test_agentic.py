@@ -48,7 +48,7 @@ def test_rules_solve_tasks_with_the_real_tools(tasks) -> None:
 def test_hostile_and_endless_callers_end_as_failures_not_crashes(tasks) -> None:
     replies = iter([_call("grep", {"pattern": "("}), "<tool_call>{not json</tool_call>",
                     _call("read_file", {"path": "../../etc/passwd"}), _call("rm", {"path": "."})] * 50)
-    outcomes = agentic.run_tasks(tasks[:3], lambda convs, tools: [next(replies) for _ in convs], 3)
+    outcomes = agentic.run_tasks(tasks[:3], lambda convs, tools, ids: [next(replies) for _ in convs], 3)
     assert all(not o.success and o.failure == "too_many_calls" for o in outcomes)
     assert all(o.invalid_calls == o.calls == 3 for o in outcomes)
 

@@ -406,9 +406,9 @@ def test_prefix_cache_and_batching_give_the_same_greedy_outputs(micro: Path, rep
 def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micro: Path,
                                                                             repo: Path) -> None:
     """Asserts: _batched with reuse (each prompt prefilled alone through the running prefix cache,
-    decoded in chunks from deep-copied snapshots) returns, token for token and in input order, what
-    _sequential without any cache reuse returns, for chunks of 2, 3 and one chunk larger than the
-    prompt list; and it prefills each prompt only past its prefix shared with the previous one
+    decoded from deep-copied snapshots, continuously batched) returns, token for token and in
+    input order, what _sequential without any cache reuse returns, for batches of 2, 3 and one
+    larger than the prompt list; and it prefills each prompt only past its prefix shared with the previous one
     in sorted order (the previous one minus its last token, which starts the batched decode)."""
     import mlx_lm
 
@@ -425,6 +425,38 @@ def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micr
         assert reused == want, bs
     outs, reused = ev._batched(model, tokenizer, ids, 12, 3, reuse=False)
     assert outs == plain and reused == 0
+
+
+def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
+                                                                    repo: Path) -> None:
+    """Asserts: with `sessions`, a second call whose prompts extend the first call's prompts
+    (a task's next turn: its completion, a tool result) returns the same greedy tokens as
+    plain generation with no cache, and starts each prompt from that prompt id's cache, so
+    it prefills only past the first turn's prompt (more reuse than the shared system prefix
+    alone); each id's kept cache holds exactly the tokens it says it does."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    first = [replace(_prompt(repo), id=f"t{i}", messages=(chat.system("pkg"), chat.user(q)))
+             for i, q in enumerate(["Where is Foo?", "Show me Bar.", "What is baz?"])]
+    sessions: dict = {}
+    g1 = ev.generate_outputs(model, tokenizer, first, max_tokens=6, batch_size=2,
+                             sessions=sessions)
+    assert sorted(sessions) == ["t0", "t1", "t2"]
+    for pid, (toks, cache) in sessions.items():
+        assert all(c.size() == len(toks) for c in cache), pid
+    second = [replace(p, messages=p.messages + (
+        chat.tool_call("c1", "grep", {"pattern": "Foo"}),
+        chat.tool_result("c1", "grep", f"pkg/a.py:{i}:class Foo:  # {g1.texts[i]!r}")))
+        for i, p in enumerate(first)]
+    plain = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=1,
+                                prefix_cache=False)
+    without = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2)
+    carried = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2,
+                                  sessions=sessions)
+    assert carried.texts == plain.texts == without.texts
+    firsts = [len(ev.prompt_ids(tokenizer, p)) for p in first]
+    assert carried.reused_tokens >= sum(firsts) - len(firsts) > without.reused_tokens
 
 
 def test_prefix_cache_reuses_every_shared_prefix_once(micro: Path, repo: Path) -> None:
