@@ -174,8 +174,9 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
         p = ids[j]
         keep = min(common_prefix(state["have"], p), len(p) - 1) if reuse else 0
         prior = carry[j] if carry and reuse else None
-        if prior is not None and min(common_prefix(prior[0], p), len(p) - 1) > keep:
-            own, k = _rewind(model, prior[1], min(common_prefix(prior[0], p), len(p) - 1))
+        shared = min(common_prefix(prior[0], p), len(p) - 1) if prior is not None else 0
+        if prior is not None and shared > keep:
+            own, k = _rewind(model, prior[1], shared)
             _prefill(model, own, p[k:-1])
             state["reused"] += k
             (uid,) = gen.insert([p[-1:]], [max_tokens], caches=[own])
