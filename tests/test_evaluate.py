@@ -408,8 +408,9 @@ def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micr
     """Asserts: _batched with reuse (each prompt prefilled alone through the running prefix cache,
     decoded from deep-copied snapshots, continuously batched) returns, token for token and in
     input order, what _sequential without any cache reuse returns, for batches of 2, 3 and one
-    larger than the prompt list; and it prefills each prompt only past its prefix shared with the previous one
-    in sorted order (the previous one minus its last token, which starts the batched decode)."""
+    larger than the prompt list; and it prefills each prompt only past its prefix shared with
+    the previous one in sorted order (the previous one minus its last token, which starts the
+    batched decode)."""
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(micro))
