@@ -25,7 +25,7 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import split_of
 from codeadapt.records import Example
 
-HTML_GENERATOR_VERSION = "2"
+HTML_GENERATOR_VERSION = "3"
 MAX_DIRECT_LINES = 40  # longest form pasted into a direct question
 
 _LANGUAGE = Language(tree_sitter_html.language())
@@ -236,6 +236,9 @@ class _Draft:
     tool: str | None  # None: a direct answer with no tool call
     arguments: dict[str, Any]
     span: tuple[int, int] | None = None  # None: the lines the answer cites, else the whole file
+    # A grep pattern that finds where `span` starts: a person looking for one table or form
+    # greps for it, then reads just its lines (call 2), as with a Python definition.
+    locate: str | None = None
 
 
 def _grep_fits(root: Path, rel: str, pattern: str, els: list[Element], whole: bool) -> bool:
@@ -252,11 +255,21 @@ def _grep_fits(root: Path, rel: str, pattern: str, els: list[Element], whole: bo
 
 def _draft(kind: str, q: str, ans: str, root: Path, rel: str,
            grep: tuple[str, list[Element], bool] | None = None,
-           span: tuple[int, int] | None = None) -> _Draft:
-    """Grep (pattern, elements, whole element per line) when its output suffices, else read."""
+           span: tuple[int, int] | None = None, locate: str | None = None) -> _Draft:
+    """Grep (pattern, elements, whole element per line) when its output suffices; else, with
+    `locate` and a `span`, grep for where the span starts and read it; else read the file."""
     if grep is not None and _grep_fits(root, rel, *grep):
         return _Draft(kind, q, ans, "grep", {"pattern": grep[0], "path": rel}, span)
+    if locate is not None and span is not None and _locates(root, rel, locate, span[0]):
+        read = {"path": rel, "start_line": span[0], "end_line": span[1]}
+        return _Draft(kind, q, ans, "read_file", read, span, locate)
     return _Draft(kind, q, ans, "read_file", {"path": rel}, span)
+
+
+def _locates(root: Path, rel: str, pattern: str, line: int) -> bool:
+    """True when grepping `pattern` in `rel` lists `line` among its hits."""
+    out = tools.grep(root, pattern, rel)
+    return any(h.split(":", 2)[1:2] == [str(line)] for h in out.splitlines())
 
 
 # ---- example kinds: each turns one document into drafts ----------------------------------------
@@ -307,7 +320,24 @@ def _unlabeled_inputs(doc: Document, root: Path, rel: str, rng: random.Random) -
         if not any(c.tag == "legend" and c.parent == f.index for c in doc.descendants(f)):
             ans += f" The `<fieldset>` on line {f.line} has no `<legend>` to name its group."
     q = _ask(rng, "html_unlabeled_inputs", rel)
-    return [_draft("html_unlabeled_inputs", q, ans, root, rel)]
+    form = _enclosing_form(doc, controls)
+    span = (form.line, form.end_line) if form is not None else None
+    return [_draft("html_unlabeled_inputs", q, ans, root, rel, span=span, locate=r"(?i)<form\b")]
+
+
+def _enclosing_form(doc: Document, controls: list[Element]) -> Element | None:
+    """The one `<form>` that holds every control, label and fieldset and every element a
+    control's `aria-labelledby` names, when there is one: reading it shows all the audit needs."""
+    for form in doc.find("form"):
+        inside = {d.index for d in doc.descendants(form)}
+        refs = [doc.by_id(r) for c in controls for r in (c.attr("aria-labelledby") or "").split()]
+        labels, groups = doc.find("label"), doc.find("fieldset")
+        if (all(e.index in inside for e in [*controls, *labels, *groups])
+                and all(r is not None and r.index in inside for r in refs)
+                and all(doc.by_id(lab.attr("for") or "") is not None for lab in labels
+                        if lab.attr("for"))):
+            return form
+    return None
 
 
 def _field_groups(controls: list[Element]) -> list[list[Element]]:
@@ -426,7 +456,8 @@ def _table_headers(doc: Document, root: Path, rel: str, rng: random.Random) -> l
             elif rows:
                 parts.append("Every data row starts with a row header.")
         q, span = _ask(rng, "html_table_headers", rel, ref), (table.line, table.end_line)
-        drafts.append(_draft("html_table_headers", q, " ".join(parts), root, rel, span=span))
+        drafts.append(_draft("html_table_headers", q, " ".join(parts), root, rel, span=span,
+                             locate=r"(?i)<table\b"))
     return drafts
 
 
@@ -565,12 +596,14 @@ def _example(draft: _Draft, root: Path, source: str, commit: str, rel: str,
              doc: Document) -> Example | None:
     """Run the draft's tool and wrap it all as an Example; None when the tool refuses."""
     messages = [chat.system(source), chat.user(draft.question)]
-    if draft.tool is not None:
-        result = tools.execute(root, draft.tool, draft.arguments)
+    calls = ([("grep", {"pattern": draft.locate, "path": rel})] if draft.locate else []) + (
+        [(draft.tool, draft.arguments)] if draft.tool is not None else [])
+    for k, (tool, arguments) in enumerate(calls, 1):
+        result = tools.execute(root, tool, arguments)
         if result.startswith("error:"):
             return None
-        messages += [chat.tool_call("call_1", draft.tool, draft.arguments),
-                     chat.tool_result("call_1", draft.tool, result)]
+        messages += [chat.tool_call(f"call_{k}", tool, arguments),
+                     chat.tool_result(f"call_{k}", tool, result)]
     messages.append(chat.assistant(draft.answer))
     cited = [int(n) for n in re.findall(r"\bline (\d+)", draft.answer)]
     start, end = draft.span or ((min(cited), max(cited)) if cited else (1, doc.line_count))

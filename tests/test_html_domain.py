@@ -140,10 +140,10 @@ def test_every_tool_result_replays_and_shows_every_cited_line(corpus):
         if not pairs:  # direct answers quote the form in the question and cite no lines
             assert e.kind.startswith("html_direct_") and not LINE_RE.search(answer)
             continue
-        ((call, result),) = pairs
-        fn = call["function"]
-        assert result["content"] == tools.execute(DATA, fn["name"], fn["arguments"])
-        assert not result["content"].startswith("error:")
+        for call, result in pairs:
+            fn = call["function"]
+            assert result["content"] == tools.execute(DATA, fn["name"], fn["arguments"])
+            assert not result["content"].startswith("error:")
         shown = {int(n) for n in SHOWN_RE.findall(result["content"])}
         cited = {int(n) for n in LINE_RE.findall(answer)}
         assert cited <= shown, (e.path, e.kind, cited - shown)
@@ -172,3 +172,40 @@ def test_test_split_pages_get_wordings_no_train_page_gets(monkeypatch) -> None:
         assert any(re.fullmatch(pat(w), q) for w in allowed), (test, q)
         seen.add(test)
     assert seen == {True, False}
+
+
+def test_one_table_or_form_is_located_by_grep_then_read_by_its_lines(tmp_path: Path):
+    page = """<html lang="en"><body>
+<table id="a"><tr><th scope="col">A</th></tr>
+<tr><td>1</td></tr></table>
+<form action="/s">
+<label for="q">Query</label>
+<input id="q" name="q">
+<input name="bare">
+</form>
+<table id="b">
+<tr><td>2</td></tr>
+</table>
+</body></html>
+"""
+    (tmp_path / "page.html").write_text(page)
+    examples, _ = html_examples(tmp_path, "src", "c0ffee")
+    steps = {}
+    for e in examples:
+        calls = [(c["function"]["name"], c["function"]["arguments"])
+                 for c, _ in chat.tool_calls_of(list(e.messages))]
+        steps.setdefault(e.kind, []).append(calls)
+    assert steps["html_table_headers"] == [
+        [("grep", {"pattern": r"(?i)<table\b", "path": "page.html"}),
+         ("read_file", {"path": "page.html", "start_line": lo, "end_line": hi})]
+        for lo, hi in ((2, 3), (9, 11))]
+    assert steps["html_unlabeled_inputs"] == [[
+        ("grep", {"pattern": r"(?i)<form\b", "path": "page.html"}),
+        ("read_file", {"path": "page.html", "start_line": 4, "end_line": 8})]]
+    # a label outside the form: reading the form would not show it, so the whole page is read
+    (tmp_path / "page.html").write_text(page.replace("<label for=\"q\">Query</label>\n", "")
+                                        .replace("<body>", '<body><label for="q">Query</label>'))
+    examples, _ = html_examples(tmp_path, "src", "c0ffee")
+    (e,) = [e for e in examples if e.kind == "html_unlabeled_inputs"]
+    assert [c["function"]["arguments"] for c, _ in chat.tool_calls_of(list(e.messages))] == [
+        {"path": "page.html"}]
