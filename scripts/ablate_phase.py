@@ -30,7 +30,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
-    ap.add_argument("--data", required=True, help="dataset to train on (a phase name)")
+    ap.add_argument("--data", help="dataset to train on (a phase name)")
+    ap.add_argument("--score", help="score this trained adapter (a phase name under adapters/) "
+                    "instead of training one")
     ap.add_argument("--init", help="adapter to continue from (a phase name under adapters/)")
     ap.add_argument("--lr", type=float)
     ap.add_argument("--iters", type=int)
@@ -45,12 +47,19 @@ def main() -> None:
         raise SystemExit(f"no converted SmolLM2 under {data / 'bases'}: run `codeadapt run phase7` first")
     update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters)) if v is not None}
     spec = s.train.model_copy(update=update)
+    if (args.score is None) == (args.data is None):
+        raise SystemExit("give --data (train a variant) or --score (an existing adapter)")
     out = adapters / ".ablations" / args.name
-    tic = time.time()
-    m = train_in_worker(bases[-1], data / args.data, out, spec, None,
-                        adapters / args.init if args.init else None)
-    print(f"{args.name}: trained {time.time() - tic:.0f} s, {m.get('tokens_per_sec')} tokens/s, "
-          f"final valid loss {m.get('final_valid_loss')}", flush=True)
+    if args.score:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in ("adapters.safetensors", "adapter_config.json"):
+            (out / f).write_bytes((adapters / args.score / f).read_bytes())
+    else:
+        tic = time.time()
+        m = train_in_worker(bases[-1], data / args.data, out, spec, None,
+                            adapters / args.init if args.init else None)
+        print(f"{args.name}: trained {time.time() - tic:.0f} s, {m.get('tokens_per_sec')} "
+              f"tokens/s, final valid loss {m.get('final_valid_loss')}", flush=True)
     held = data / s.eval.held_out_phase if s.eval.held_out_phase else None
     payload = {"model_dir": str(bases[-1]), "adapter_dir": str(out), "data_dir": str(data / args.phase),
                "repos_dir": str(s.resolve(s.paths.repos)), "spec": s.eval.model_dump(),
@@ -65,6 +74,12 @@ def main() -> None:
     by = collections.Counter((x["expected"]["name"], x["score"]["failure"] or "ok") for x in calls)
     for (tool, why), n in sorted(by.items()):
         print(f"  expected {tool:9s} {why:10s} {n}")
+    for label, keep in (("html", lambda x: x["source"] == "html"),
+                        ("held-out repositories", lambda x: x["held_out"]),
+                        ("other python", lambda x: x["source"] != "html" and not x["held_out"])):
+        part = [x for x in calls if keep(x)]
+        ok = sum(bool(x["score"]["correct"]) for x in part)
+        print(f"  {label:22s} calls {ok}/{len(part)}")
 
 
 if __name__ == "__main__":
