@@ -46,7 +46,8 @@ def main() -> None:
     if not bases:
         raise SystemExit(f"no converted SmolLM2 under {data / 'bases'}: run `codeadapt run phase7` first")
     update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters)) if v is not None}
-    spec = s.train.model_copy(update=update)
+    # the phase's own step count (phases.*.train_iters) when --data names a phase
+    spec = (s.train_spec(args.data) if args.data in s.phases else s.train).model_copy(update=update)
     if (args.score is None) == (args.data is None):
         raise SystemExit("give --data (train a variant) or --score (an existing adapter)")
     out = adapters / ".ablations" / args.name
