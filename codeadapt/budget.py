@@ -36,12 +36,17 @@ class Budget:
         return {"tokenizer": Path(self.tokenizer_dir).name, "max_tokens": self.max_tokens}
 
 
+COUNT_CHUNK = 256  # conversations per tokenizer call in count_many
+
+
 def load_counter(tokenizer_dir: str | Path) -> tuple[
         Counter_, Callable[[Sequence[dict], Sequence[dict]], str],
         Callable[[Sequence[tuple[Sequence[dict], Sequence[dict]]]], list[int]]]:
     """(token count, rendered text, token counts of many) of a conversation exactly as
-    training renders it. The batch counter renders each conversation, then tokenizes all of
-    them in one call of the fast tokenizer (Rust, threaded): the same counts, ~2x faster."""
+    training renders it. The batch counter renders and tokenizes `COUNT_CHUNK` conversations
+    per call of the fast tokenizer (Rust, threaded): the same counts, ~2x faster than one by
+    one, and memory bounded by the chunk (all 44,790 examples of 1,000 sources in one call held
+    their encodings as Python lists: ~1.7 GB of the flow's 3.6 GB peak under memray)."""
     from mlx_lm.utils import load_tokenizer
 
     tok = load_tokenizer(Path(tokenizer_dir))
@@ -55,11 +60,13 @@ def load_counter(tokenizer_dir: str | Path) -> tuple[
 
     backend = getattr(tok, "_tokenizer", tok)
 
-    def count_many(convs: Sequence[tuple[Sequence[dict], Sequence[dict]]]) -> list[int]:
-        texts = [render(m, t) for m, t in convs]
-        if not texts:
-            return []
-        return [len(ids) for ids in backend(texts, add_special_tokens=False)["input_ids"]]
+    def count_many(convs: Sequence[tuple[Sequence[dict], Sequence[dict]]],
+                   chunk: int = COUNT_CHUNK) -> list[int]:
+        out: list[int] = []
+        for i in range(0, len(convs), chunk):
+            texts = [render(m, t) for m, t in convs[i:i + chunk]]
+            out += [len(ids) for ids in backend(texts, add_special_tokens=False)["input_ids"]]
+        return out
 
     return count, render, count_many
 

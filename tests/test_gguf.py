@@ -218,6 +218,9 @@ def test_budget_counts_tokens_exactly_as_training_encodes(converted: Path) -> No
     assert count(msgs, chat.tool_schemas()) == len(enc.tokens)
     short = [chat.system("r"), chat.user("Hi"), chat.assistant("Hello.")]
     assert count_many([(msgs, chat.tool_schemas()), (short, ())]) == [len(enc.tokens), count(short, ())]
+    many = [(msgs, chat.tool_schemas()), (short, ())] * 3 + [(short, chat.tool_schemas())]
+    assert count_many(many, chunk=2) == count_many(many) == [count(m, t) for m, t in many]
+    assert count_many([]) == []
     assert render(msgs, chat.tool_schemas()).startswith("<|im_start|>system")
 
 
