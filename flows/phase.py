@@ -297,7 +297,7 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
     targets = [phase]
     if models and settings.base_model() == "tiny":
         targets.append(settings.base.corpus_phase)
-    if settings.eval.held_out_phase:  # --data-only too: every dataset the evaluation reads
+    if models and settings.eval.held_out_phase:
         targets.append(settings.eval.held_out_phase)
     # The base's tokenizer sets the data's token budget; the tiny base's is made from the data.
     base = prepare_base(settings, wait=False) if settings.base_model() != "tiny" else None

@@ -45,6 +45,10 @@ def main() -> None:
     bases = sorted((data / "bases").glob("smollm2-135m-*"))
     if not bases:
         raise SystemExit(f"no converted SmolLM2 under {data / 'bases'}: run `codeadapt run phase7` first")
+    held = data / s.eval.held_out_phase if s.eval.held_out_phase else None
+    if held is not None and not (held / "manifest.json").is_file():
+        raise SystemExit(f"no dataset at {held} (the held-out repositories): `codeadapt run "
+                         "phase7` builds it; `--data-only` does not")
     update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters)) if v is not None}
     # the phase's own step count (phases.*.train_iters) when --data names a phase
     spec = (s.train_spec(args.data) if args.data in s.phases else s.train).model_copy(update=update)
@@ -61,7 +65,6 @@ def main() -> None:
                             adapters / args.init if args.init else None)
         print(f"{args.name}: trained {time.time() - tic:.0f} s, {m.get('tokens_per_sec')} "
               f"tokens/s, final valid loss {m.get('final_valid_loss')}", flush=True)
-    held = data / s.eval.held_out_phase if s.eval.held_out_phase else None
     payload = {"model_dir": str(bases[-1]), "adapter_dir": str(out), "data_dir": str(data / args.phase),
                "repos_dir": str(s.resolve(s.paths.repos)), "spec": s.eval.model_dump(),
                "fixed_set": str(s.resolve(s.eval.fixed_set)) if s.eval.fixed_set else None,
