@@ -328,10 +328,10 @@ def _unlabeled_inputs(doc: Document, root: Path, rel: str, rng: random.Random) -
 def _enclosing_form(doc: Document, controls: list[Element]) -> Element | None:
     """The one `<form>` that holds every control, label and fieldset and every element a
     control's `aria-labelledby` names, when there is one: reading it shows all the audit needs."""
+    refs = [doc.by_id(r) for c in controls for r in (c.attr("aria-labelledby") or "").split()]
+    labels, groups = doc.find("label"), doc.find("fieldset")
     for form in doc.find("form"):
         inside = {d.index for d in doc.descendants(form)}
-        refs = [doc.by_id(r) for c in controls for r in (c.attr("aria-labelledby") or "").split()]
-        labels, groups = doc.find("label"), doc.find("fieldset")
         if (all(e.index in inside for e in [*controls, *labels, *groups])
                 and all(r is not None and r.index in inside for r in refs)
                 and all(doc.by_id(lab.attr("for") or "") is not None for lab in labels

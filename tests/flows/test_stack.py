@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-SMALL_BUDGETS = {"domain": (4, 2, 2), "popular": (10, 4, 4), "base": (4, 2, 2)}
+SMALL_BUDGETS = {"domain": (4, 2, 2), "popular": (10, 4, 4)}
 DEPLOYMENTS = {"phase5/phase5", "phase6/phase6", "phase7/phase7", "nightly/nightly"}
 
 
