@@ -6,6 +6,7 @@ documented there). Prompts come from codeadapt.prompts.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -80,8 +81,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _prefill(model: Any, cache: list[Any], tokens: Sequence[int], step: int = 2048) -> None:
-    """Run `tokens` through the model into `cache` (which then holds them after its contents)."""
+def _prefill(model: Any, cache: list[Any], tokens: Sequence[int], step: int = 512) -> None:
+    """Run `tokens` through the model into `cache` (which then holds them after its contents),
+    `step` at a time: the attention scores of a chunk are step × cache length floats per head,
+    so a long tool result does not need gigabytes at once."""
     import mlx.core as mx
 
     for i in range(0, len(tokens), step):
@@ -139,14 +142,36 @@ def _sequential(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: in
 Carried = tuple[list[int], list[Any]]  # the tokens a KV cache holds, and the cache
 
 
+def kv_budget(model: Any) -> int:
+    """Tokens of KV cache that weigh what the model's weights do. A decode step reads every
+    weight once and every cached key and value of every row of the batch once: a running
+    batch kept under this many (rows × longest row, since rows are padded to the longest)
+    costs at most about twice a single stream's step, and its memory stays bounded, however
+    long some prompts are."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", None)
+    if not heads:
+        return 1 << 62  # unknown layout: no token bound, only the batch size
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    per_token = 2 * len(make_prompt_cache(model)) * kv_heads * head_dim * 4  # keys + values, fp32
+    return max(1, weights // per_token)
+
+
 def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, batch_size: int,
              reuse: bool, carry: list[Carried | None] | None = None,
-             finals: list[Carried | None] | None = None) -> tuple[list[list[int]], int]:
+             finals: list[Carried | None] | None = None,
+             batch_tokens: int | None = None) -> tuple[list[list[int]], int]:
     """Continuous batching: at most `batch_size` prompts decode together, and as soon as one
     finishes the next is prefilled and joins the running batch (mlx-lm's BatchGenerator), so
-    a short completion never waits for the longest of a fixed chunk. Each prompt is prefilled
-    alone (decode reads every weight per step, so on a CPU a batch of 8 costs about what one
-    stream does). With `reuse`, prompts go in sorted token order through one running KV cache
+    a short completion never waits for the longest of a fixed chunk. A prompt joins only while
+    rows × the longest row (prompt + `max_tokens`) stays within `batch_tokens` (`kv_budget`
+    by default) or the batch is empty: a long tool result decodes with few companions instead
+    of padding seven others to its length. Each prompt is prefilled alone. With `reuse`, prompts go in sorted token order through one running KV cache
     trimmed back to the prefix shared with the previous prompt, and each prompt decodes from a
     snapshot of it: every shared prefix is prefilled once.
 
@@ -157,20 +182,30 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     completion, for the next call."""
     import copy
 
+    import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
 
     outs: list[list[int]] = [[] for _ in ids]
-    queue = iter(sorted(range(len(ids)), key=ids.__getitem__) if reuse else range(len(ids)))
+    queue = collections.deque(sorted(range(len(ids)), key=ids.__getitem__) if reuse
+                              else range(len(ids)))
     state: dict[str, Any] = {"cache": make_prompt_cache(model), "have": [], "reused": 0}
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                          completion_batch_size=batch_size, prefill_batch_size=1)
     active: dict[int, int] = {}  # generator uid -> prompt index
+    budget = kv_budget(model) if batch_tokens is None else batch_tokens
+
+    def fits(j: int) -> bool:
+        if not active:
+            return True
+        longest = max(len(ids[i]) for i in [*active.values(), j]) + max_tokens
+        return len(active) < batch_size and (len(active) + 1) * longest <= budget
 
     def feed() -> None:
-        j = next(queue, None)
-        if j is None:
-            return
+        while queue and fits(queue[0]):
+            admit(queue.popleft())
+
+    def admit(j: int) -> None:
         p = ids[j]
         keep = min(common_prefix(state["have"], p), len(p) - 1) if reuse else 0
         prior = carry[j] if carry and reuse else None
@@ -190,8 +225,7 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
         active[uid] = j
 
     try:
-        for _ in range(batch_size):
-            feed()
+        feed()
         while active:
             responses = gen.next_generated()
             if not responses:  # nothing left to decode while prompts wait: a generator bug
@@ -203,6 +237,9 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
                 if r.finish_reason is not None:
                     del active[r.uid]
                     if finals is not None:  # its cache: the prompt, then what it generated
+                        # mlx-lm extracts the row lazily: evaluated now, it is a copy of the
+                        # row; left lazy, it would keep the whole batch's buffers alive.
+                        mx.eval([c.state for c in r.prompt_cache])
                         seen = ids[j] + outs[j] + ([r.token] if r.finish_reason == "stop" else [])
                         sizes = {c.size() for c in r.prompt_cache}
                         n = sizes.pop() if len(sizes) == 1 else -1
@@ -253,6 +290,35 @@ def adapter_bytes(adapter_dir: Path | None) -> int | None:
     return None if adapter_dir is None else (Path(adapter_dir) / ADAPTER_FILE).stat().st_size
 
 
+def load_for_generation(model_dir: Path | str, adapter_dir: Path | str | None,
+                        fast_kernels: bool = True) -> tuple[Any, Any, float, float]:
+    """(model, tokenizer, load seconds, adapter seconds) ready for greedy generation: the
+    adapter's LoRA weights fused into the linear layers they adapt (W + s·BA: one matmul
+    instead of three per layer and step, measured 9% of an evaluation), and with
+    `fast_kernels` the base-2 attention/SiLU of codeadapt.models.fastpath for cached prompts
+    (mlx-lm's own kernels otherwise)."""
+    import mlx_lm
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+
+    from codeadapt.models import fastpath
+
+    if fast_kernels:
+        fastpath.install(cached=True)
+    else:
+        fastpath.uninstall()
+    tic = time.perf_counter()
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    load_model_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    if adapter_dir is not None:
+        model = load_adapters(model, str(adapter_dir))
+        fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        model.update_modules(tree_unflatten(fused))
+    model.eval()
+    return model, tokenizer, load_model_s, time.perf_counter() - tic
+
+
 def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[Prompt],
                    spec: EvalSpec, generate: Callable[..., Generations] = generate_outputs
                    ) -> dict[str, Any]:
@@ -266,18 +332,8 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
     missing = sorted({p.root for p in prompts if not Path(p.root).is_dir()})
     if spec.run_tools and missing:
         raise FileNotFoundError(f"checkouts missing (sync the sources first): {missing}")
-    import mlx_lm
-    from mlx_lm.tuner.utils import load_adapters
-
-    tic = time.perf_counter()
-    model, tokenizer = mlx_lm.load(str(model_dir))
-    load_model_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    if adapter_dir is not None:
-        model = load_adapters(model, str(adapter_dir))
-    model.eval()
-    load_adapter_s = time.perf_counter() - tic
-
+    model, tokenizer, load_model_s, load_adapter_s = load_for_generation(model_dir, adapter_dir,
+                                                                         spec.fast_kernels)
     gen = generate(model, tokenizer, prompts, spec.max_tokens, spec.batch_size,
                    prefix_cache=spec.prefix_cache)
     return {"model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),

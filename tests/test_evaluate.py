@@ -426,6 +426,12 @@ def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micr
         assert reused == want, bs
     outs, reused = ev._batched(model, tokenizer, ids, 12, 3, reuse=False)
     assert outs == plain and reused == 0
+    # A token budget that admits one prompt at a time, and one that pairs only short prompts.
+    pair = 2 * (sorted(map(len, ids))[1] + 12)
+    for budget in (1, pair):
+        outs, _ = ev._batched(model, tokenizer, ids, 12, 3, reuse=True, batch_tokens=budget)
+        assert outs == plain, budget
+    assert ev.kv_budget(model) > 0
 
 
 def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
@@ -458,6 +464,34 @@ def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
     assert carried.texts == plain.texts == without.texts
     firsts = [len(ev.prompt_ids(tokenizer, p)) for p in first]
     assert carried.reused_tokens >= sum(firsts) - len(firsts) > without.reused_tokens
+
+
+def test_kept_sessions_hold_only_their_own_rows(micro: Path, repo: Path) -> None:
+    """Asserts: after a batched call with `sessions`, the memory mlx still holds beyond the model
+    is what the kept caches' own rows weigh (at most 1.25 times), not the batch's padded buffers:
+    mlx-lm extracts a finished row lazily, and a lazy row kept for the next turn would keep
+    its whole batch alive (the 12 GB agentic evaluation of stop 20)."""
+    import gc
+
+    import mlx.core as mx
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    prompts = [replace(_prompt(repo), id=f"t{i}", messages=(chat.system("pkg"), chat.user(q)))
+               for i, q in enumerate(["Where is Foo?", "Show me Bar.", "What is baz?",
+                                      "Which classes subclass Foo?", "Who imports pkg.a?"])]
+    # once to warm what any generation keeps (kernel caches), then measured
+    ev.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions={})
+    gc.collect()
+    mx.clear_cache()  # a recycled buffer bigger than asked for would count at its own size
+    before = mx.get_active_memory()
+    sessions: dict = {}
+    ev.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions=sessions)
+    gc.collect()
+    rows = sum(c.nbytes for _, cache in sessions.values() for c in cache)
+    assert len(sessions) == len(prompts) and rows > 0
+    # measured: exactly `rows` with the rows evaluated; 1.9 x rows with them lazy
+    assert mx.get_active_memory() - before <= 1.25 * rows, (mx.get_active_memory() - before, rows)
 
 
 def test_prefix_cache_reuses_every_shared_prefix_once(micro: Path, repo: Path) -> None:
