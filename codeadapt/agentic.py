@@ -282,14 +282,11 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     if payload["model_dir"] == "rules":
         gen, load_s = rules_generator(), 0.0
     else:
-        import mlx_lm
-        from mlx_lm.tuner.utils import load_adapters
+        from codeadapt.evaluate import load_for_generation
 
-        model, tokenizer = mlx_lm.load(payload["model_dir"])
-        if payload.get("adapter_dir"):
-            model = load_adapters(model, payload["adapter_dir"])
-        model.eval()
-        load_s = time.perf_counter() - tic
+        model, tokenizer, load_s, adapter_s = load_for_generation(
+            payload["model_dir"], payload.get("adapter_dir"), ev.fast_kernels)
+        load_s += adapter_s
         gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size)
     tic = time.perf_counter()
     outcomes = run_tasks(tasks, gen, spec.max_calls)

@@ -173,6 +173,9 @@ class EvalSpec(Strict):
         "decoding together, the next joining as soon as one finishes (continuous batching)")
     prefix_cache: bool = Field(
         True, description="reuse the KV cache of token prefixes prompts share (same outputs)")
+    fast_kernels: bool = Field(
+        True, description="attention and SiLU with a base-2 exp, also for cached prompts and "
+        "decode steps (codeadapt.models.fastpath; same math to float rounding, faster on CPU)")
     run_tools: bool = Field(True, description="execute calls on the checkouts (grep equivalence)")
     ngram: int = Field(8, ge=1, le=64, description="word n-gram size for decontamination")
     # Question templates alone share 8-grams: phase7 test vs train measured 12.9%, phase6 6.1%.

@@ -9,7 +9,8 @@ Training: the same length-sorted batches of the phase's train split, one optimiz
   assistant head the output head only where an assistant token is the target (train.masked_loss)
   + fastpath     block-causal base-2 attention and SiLU (codeadapt.models.fastpath)
 and LoRA on the top 8 vs all 30 blocks. Evaluation: prompts/s of the held-out prompts,
-sequential with the prefix cache vs prefix-cached prefill + batched decode.
+sequential with the prefix cache vs prefix-cached prefill + batched decode, with mlx's kernels
+and with fastpath's for cached prompts (eval.fast_kernels), and how many outputs differ.
 Each part runs in a child process with OpenBLAS preloaded (codeadapt.worker's environment).
 Needs a dataset (`uv run codeadapt run phase7 --data-only`); converts the base if missing.
 """
@@ -72,18 +73,22 @@ def child(args: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def eval_pps(base: Path, data: Path, batch: int, conversations: int, max_tokens: int) -> dict:
+def eval_pps(base: Path, data: Path, batch: int, conversations: int, max_tokens: int,
+             fast: bool, adapter: Path | None) -> dict:
     from codeadapt.config import EvalSpec
     from codeadapt.worker import run_in_worker
 
     spec = EvalSpec(max_tokens=max_tokens, batch_size=batch, prefix_cache=True,
-                    max_conversations=conversations)
+                    max_conversations=conversations, fast_kernels=fast)
     t = time.perf_counter()
-    r = run_in_worker("eval", {"model_dir": str(base), "adapter_dir": None, "data_dir": str(data),
+    r = run_in_worker("eval", {"model_dir": str(base), "adapter_dir": str(adapter) if adapter else None,
+                               "data_dir": str(data),
                                "repos_dir": str(data.parent / "repos"), "spec": spec.model_dump(),
                                "fixed_set": None})
     return {"prompts": r["prompts"], "pps": r["prompts"] / r["gen_s"],
-            "wall": time.perf_counter() - t, "gen_tokens": r["generated_tokens"]}
+            "wall": time.perf_counter() - t, "gen_tokens": r["generated_tokens"],
+            "prefilled": r["prompt_tokens"] - r["reused_prompt_tokens"],
+            "outputs": [x["output"] for x in r["results"]]}
 
 
 def main() -> None:
@@ -93,20 +98,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--conversations", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--adapter", type=Path, help="evaluate with this adapter (default: the base)")
+    ap.add_argument("--eval-only", action="store_true", help="skip the training variants")
     args = ap.parse_args()
     if args.base is None:
         from codeadapt.models import gguf
 
         args.base = gguf.make_base(args.data.parent / "bases")
-    for variant, layers in (("full", 8), ("assistant", 8), ("fastpath", 8), ("fastpath", 30)):
+    for variant, layers in () if args.eval_only else (("full", 8), ("assistant", 8), ("fastpath", 8),
+                                                        ("fastpath", 30)):
         r = child([str(args.base), str(args.data), variant, str(layers), str(args.steps)])
         print(f"LoRA top {layers:2d}, {variant:9s} head/kernels, batch 4, {args.steps} steps: "
               f"{r['tokens_per_s']:6.1f} tokens/s", flush=True)
-    for batch in (1, 8):
-        r = eval_pps(args.base, args.data, batch, args.conversations, args.max_tokens)
-        print(f"eval {r['prompts']} prompts (base model, max_tokens {args.max_tokens}), prefix cache, "
-              f"batch {batch}: {r['pps']:.2f} prompts/s, {r['gen_tokens']} tokens generated, "
-              f"{r['wall']:.0f} s wall", flush=True)
+    who = args.adapter or "base model"
+    same = None
+    for batch, fast in ((1, False), (8, False), (8, True)):
+        r = eval_pps(args.base, args.data, batch, args.conversations, args.max_tokens, fast, args.adapter)
+        kernels = "fastpath" if fast else "mlx"
+        print(f"eval {r['prompts']} prompts ({who}, max_tokens {args.max_tokens}), prefix cache, "
+              f"batch {batch}, {kernels} kernels: {r['pps']:.2f} prompts/s, {r['prefilled']} tokens "
+              f"prefilled, {r['gen_tokens']} generated, {r['wall']:.0f} s wall", flush=True)
+        if same is not None:
+            diff = sum(a != b for a, b in zip(same, r["outputs"]))
+            print(f"  outputs differing from the previous line: {diff} of {r['prompts']}", flush=True)
+        same = r["outputs"]
 
 
 if __name__ == "__main__":

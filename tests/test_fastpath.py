@@ -202,3 +202,88 @@ def test_install_is_idempotent_and_uninstall_restores_mlx_lm(unpatched: None) ->
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
     fastpath.uninstall()
     _assert_unpatched()
+
+
+def _masks(b: int, n: int, m: int) -> list[Any]:
+    """mlx-lm's mask forms: none, "causal", boolean (padding-style, per batch row) and additive."""
+    keys = mx.random.split(mx.random.key(n * 31 + m), 3)
+    allowed = mx.random.uniform(shape=(b, 1, n, m), key=keys[0]) > 0.3
+    allowed = mx.concatenate([allowed[..., :-1], mx.ones((b, 1, n, 1), dtype=mx.bool_)], axis=-1)
+    square = mx.random.uniform(shape=(n, m), key=keys[1]) > 0.2
+    square = mx.concatenate([square[:, :-1], mx.ones((n, 1), dtype=mx.bool_)], axis=-1)
+    return [None, "causal", allowed, square, mx.random.normal((b, 1, n, m), key=keys[2])]
+
+
+# (batch, heads, kv heads, queries, keys): a prompt chunk after a cache, one decode step, a
+# prompt without a cache, plain multi-head.
+CACHED_SHAPES = [(1, 9, 3, 5, 20), (2, 4, 2, 1, 7), (3, 4, 1, 6, 6), (2, 4, 4, 3, 9)]
+
+
+@pytest.mark.parametrize("b, h, hk, n, m", CACHED_SHAPES)
+def test_masked_attention_matches_mlx_for_every_mask_form(b: int, h: int, hk: int, n: int, m: int) -> None:
+    """Asserts: masked_attention equals mx.fast.scaled_dot_product_attention (1e-5) with no mask,
+    "causal" (queries are the last n of m positions), a per-row boolean mask, a square boolean
+    mask and an additive mask, for GQA and plain multi-head shapes."""
+    ks = mx.random.split(mx.random.key(b + 10 * n + 100 * m), 3)
+    q, k, v = (mx.random.normal((b, h, n, 8), key=ks[0]), mx.random.normal((b, hk, m, 8), key=ks[1]),
+               mx.random.normal((b, hk, m, 8), key=ks[2]))
+    for mask in _masks(b, n, m):
+        got = fastpath.masked_attention(q, k, v, 0.3, mask)
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+        assert got.shape == want.shape
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), (mask if isinstance(mask, str)
+                                                                      else type(mask), mx.abs(got - want).max().item())
+
+
+def test_masked_attention_keeps_fully_masked_rows_finite() -> None:
+    """Asserts: a query row whose keys are all masked (left padding in a batch) comes out finite,
+    and the other rows are unchanged by it."""
+    q, k, v = _qkv(1, 4, 2, 4, 8, seed=11)
+    mask = mx.array([[False] * 4, [True, False, False, False], [True, True, False, False],
+                     [True, True, True, True]])
+    out = fastpath.masked_attention(q, k, v, 0.5, mask)
+    assert mx.all(mx.isfinite(out)).item()
+    want = mx.fast.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=0.5, mask=mask[1:])
+    assert mx.allclose(out[:, :, 1:], want, rtol=1e-5, atol=1e-5).item()
+
+
+def test_cached_install_routes_generation_through_the_fast_kernel(unpatched: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asserts: after install(cached=True) a prompt split over a KV cache and mlx-lm's
+    BatchGenerator (two prompts of different lengths: left-padding masks) go through
+    masked_attention, with the unpatched logits (1e-4) and the same greedy completions."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _micro_llama(seed=4)
+    prompt = mx.array([[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 3]])
+
+    def cached_logits() -> Any:
+        cache = make_prompt_cache(model)
+        out = [model(prompt[:, :6], cache=cache), model(prompt[:, 6:], cache=cache)]
+        return mx.concatenate(out, axis=1)
+
+    def greedy() -> list[list[int]]:
+        gen = BatchGenerator(model, stop_tokens=[[1]], completion_batch_size=2)
+        uids = gen.insert([[2, 40, 41, 42, 43, 44, 45], [2, 50, 51]], [12, 12])
+        outs: dict[int, list[int]] = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                outs[r.uid].append(r.token)
+        gen.close()
+        return [outs[u] for u in uids]
+
+    before, before_tokens = cached_logits(), greedy()
+    masks: list[Any] = []
+    kernel = fastpath.masked_attention
+
+    def spy(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+        masks.append(mask if mask is None or isinstance(mask, str) else mask.dtype)
+        return kernel(q, k, v, scale, mask)
+
+    monkeypatch.setattr(fastpath, "masked_attention", spy)
+    fastpath.install(cached=True)
+    after, after_tokens = cached_logits(), greedy()
+    assert "causal" in masks and mx.bool_ in masks  # a cached prompt chunk; padded batch steps
+    assert mx.allclose(after, before, rtol=1e-4, atol=1e-4).item(), mx.abs(after - before).max().item()
+    assert after_tokens == before_tokens and all(before_tokens)
