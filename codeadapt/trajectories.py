@@ -167,7 +167,8 @@ def describe(doc: str, name: str) -> tuple[str, str, str] | None:
     first = words[0].lower()
     verb = first if first in VERBS else _THIRD.get(first)
     rest = " ".join(words[1:])
-    if verb is None or name.lower() in rest.lower() or "`" in rest:
+    # the verb too: "Parse the source." would ask which function parses it, of `parse`
+    if verb is None or name.lower() in f"{verb} {rest}".lower() or "`" in rest:
         return None
     return f"{verb} {rest}", f"{third_person(verb)} {rest}", sentence
 

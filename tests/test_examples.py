@@ -166,6 +166,7 @@ def test_followups_are_answered_from_the_read_without_a_new_call(made) -> None:
     assert describe("Returns the current application context, or None.", "get")[:2] == (
         "return the current application context, or None", "returns the current application context, or None")
     assert describe("Return the current app object for x.", "app") is None  # names the definition
+    assert describe("Parse Python source bytes and return the root node.", "parse") is None  # the verb names it
 
 
 def test_followup_reads_from_the_first_answers_grep_hit(made) -> None:
