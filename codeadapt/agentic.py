@@ -278,7 +278,6 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     tasks = mix_tasks(pools, spec.tasks)
     if not tasks:
         raise ValueError(f"{payload['data_dir']}: no held-out conversation ends in an answer after a call")
-    tic = time.perf_counter()
     if payload["model_dir"] == "rules":
         gen, load_s = rules_generator(), 0.0
     else:

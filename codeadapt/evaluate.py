@@ -171,9 +171,10 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     a short completion never waits for the longest of a fixed chunk. A prompt joins only while
     rows × the longest row (prompt + `max_tokens`) stays within `batch_tokens` (`kv_budget`
     by default) or the batch is empty: a long tool result decodes with few companions instead
-    of padding seven others to its length. Each prompt is prefilled alone. With `reuse`, prompts go in sorted token order through one running KV cache
-    trimmed back to the prefix shared with the previous prompt, and each prompt decodes from a
-    snapshot of it: every shared prefix is prefilled once.
+    of padding seven others to its length. Each prompt is prefilled alone. With `reuse`,
+    prompts go in sorted token order through one running KV cache trimmed back to the prefix
+    shared with the previous prompt, and each prompt decodes from a snapshot of it: every
+    shared prefix is prefilled once.
 
     `carry[j]`, when given, is a cache from an earlier call that prompt j extends (an agentic
     task's previous turn): the prompt starts from it when it shares more than the running
