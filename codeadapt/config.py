@@ -217,6 +217,9 @@ class PretrainSpec(TrainSpec):
     mode: Literal["lora", "full"] = Field("full", description="full: train every weight")
 
 
+BASE_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+
+
 class BaseSpec(Strict):
     """The base model: SmolLM2 from its wheel, an mlx-lm id or path, or "tiny" (built offline)."""
 
@@ -338,7 +341,8 @@ class Settings(Strict):
 
     def base_model(self) -> str:
         prof = self.profiles.get(self.profile)
-        return (prof.base_model if prof and prof.base_model else None) or self.base.model
+        name = (prof.base_model if prof and prof.base_model else None) or self.base.model
+        return BASE_ALIASES.get(name.lower(), name)
 
     def active_sources(self) -> dict[str, SourceSpec]:
         """Common sources overlaid with the active profile's."""

@@ -140,7 +140,14 @@ def resolve_base(name: str) -> Path:
     from mlx_lm.utils import _download
 
     path = Path(name)
-    return path if path.is_dir() else _download(name)
+    if path.is_dir():
+        return path
+    try:
+        return _download(name)
+    except Exception as exc:
+        raise RuntimeError(f"base.model {name!r}: not a local directory, and fetching it from the "
+                           f"Hugging Face hub failed ({type(exc).__name__}); the bases that need no "
+                           f"network are 'smollm2-135m' and 'tiny'") from exc
 
 
 def prepare_base(settings: Settings, wait: bool = True) -> Any:

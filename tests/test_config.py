@@ -131,3 +131,23 @@ def test_a_held_out_phase_must_not_feed_training():
     with pytest.raises(ValueError, match="pre-trains the tiny base"):
         load_settings(CONFIG, overrides=["base.model='tiny'"])
     assert load_settings(CONFIG, overrides=["base.model='tiny'", "eval.held_out_phase=''"]).held_out_sources() == {}
+
+
+@pytest.mark.parametrize("name", ["smollm2", "SmolLM2", "smollm2-135m", "SmolLM2-135M-Instruct"])
+def test_the_wheels_base_answers_to_its_short_names(name: str):
+    s = load_settings(CONFIG, overrides=[f"base.model={name!r}"])
+    assert s.base_model() == "smollm2-135m"
+
+
+def test_an_unreachable_hub_model_names_the_model_and_the_offline_bases(tmp_path: Path, monkeypatch):
+    import mlx_lm.utils
+
+    from flows.phase import resolve_base
+
+    def offline(name, *a, **k):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(mlx_lm.utils, "_download", offline)
+    with pytest.raises(RuntimeError, match=r"'someone/some-model'.*'smollm2-135m' and 'tiny'"):
+        resolve_base.fn("someone/some-model")
+    assert resolve_base.fn(str(tmp_path)) == tmp_path
