@@ -211,3 +211,22 @@ def test_resyncing_an_unchanged_snapshot_touches_no_file(tmp_path: Path):
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if ".git" not in p.parts) == [
         "c.py", "pkg", "pkg/a.py"]
     assert (tree / "pkg" / "a.py").read_text() == "A = 2\n"
+
+
+def test_expected_size_orders_work_and_never_fails(tmp_path: Path):
+    from codeadapt.sources import expected_py_bytes
+
+    svcs = SourceSpec(kind="installed", dist="svcs", group="g")
+    synced = sync_source("svcs", svcs, tmp_path / "repos" / "svcs", tmp_path)
+    py = sum(p.stat().st_size for p in Path(synced.path).rglob("*.py") if ".git" not in p.parts)
+    assert expected_py_bytes(svcs, tmp_path / "unused", tmp_path) == py > 0  # RECORD's sizes
+    local = tmp_path / "proj"
+    (local / "pkg").mkdir(parents=True)
+    (local / "pkg" / "a.py").write_text("x = 1\n")
+    (local / "notes.txt").write_text("not python")
+    assert expected_py_bytes(SourceSpec(kind="path", path="proj", group="g"), tmp_path / "r", tmp_path) == 6
+    git_spec = SourceSpec(kind="git", url="https://example.invalid/x.git", group="g")
+    assert expected_py_bytes(git_spec, tmp_path / "never-synced", tmp_path) == 0
+    assert expected_py_bytes(git_spec, Path(synced.path), tmp_path) == py  # its last checkout
+    assert expected_py_bytes(SourceSpec(kind="installed", dist="no-such-dist-xyz", group="g"),
+                             tmp_path, tmp_path) == 0
