@@ -58,7 +58,7 @@ def main() -> None:
         result["wall_s"] = time.perf_counter() - tic
         results[row] = result
         _print(row, result)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))  # after each row
     print(f"wrote {args.out}")
 
 
