@@ -73,8 +73,6 @@ def needs(pattern: re.Pattern[str]) -> tuple[tuple[frozenset[str], ...], bool]:
 
     parsed = sre_parse.parse(pattern.pattern, pattern.flags)
     folded = bool(parsed.state.flags & re.IGNORECASE)
-    if parsed.state.flags & re.LOCALE:
-        return (), folded
     sets = _required(parsed, sre_c)
     if folded:
         sets = [frozenset(x.lower() for x in c) for c in sets if all(x.isascii() for x in c)]
@@ -92,7 +90,7 @@ def _required(items: Any, sre_c: Any) -> list[frozenset[str]]:
         if cur:
             sets.append(frozenset(["".join(cur)]))
             cur = []
-        if op is sre_c.SUBPATTERN and not (av[1] | av[2]) & (re.IGNORECASE | re.LOCALE):
+        if op is sre_c.SUBPATTERN and not (av[1] | av[2]) & re.IGNORECASE:
             sets += _required(av[3], sre_c)  # a group is matched once
         elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT) and av[0] >= 1:
             sets += _required(av[2], sre_c)  # repeated at least once
@@ -110,12 +108,10 @@ def _strength(lits: frozenset[str]) -> tuple[int, int]:
 
 
 @functools.cache
-def _plan() -> tuple[tuple[re.Pattern[str], bool, tuple[frozenset[str], ...], bool], ...]:
-    """Every pattern in redaction order: (pattern, whether only its group `s` is replaced,
-    the literal sets a match needs, whether they are lower-cased)."""
-    pats = [(PRIVATE_KEY_BLOCK, False)] + [(p, "s" in p.groupindex) for p in EXTRA]
-    pats += [(p, False) for p in _patterns()]
-    return tuple((pat, group, *needs(pat)) for pat, group in pats)
+def _plan() -> tuple[tuple[re.Pattern[str], tuple[frozenset[str], ...], bool], ...]:
+    """Every pattern in redaction order (EXTRA before the detectors: a whole JWT, not its
+    head): (pattern, the literal sets a match needs, whether they are lower-cased)."""
+    return tuple((pat, *needs(pat)) for pat in (PRIVATE_KEY_BLOCK, *EXTRA, *_patterns()))
 
 
 def redact_text(text: str) -> tuple[str, int]:
@@ -130,14 +126,14 @@ def redact_text(text: str) -> tuple[str, int]:
 def _redact(text: str) -> tuple[str, int]:
     n = 0
     low: str | None = None
-    for pat, group, sets, folded in _plan():  # EXTRA before the detectors: a whole JWT first
+    for pat, sets, folded in _plan():
         if sets and not (folded and not text.isascii()):  # `re` folds beyond ASCII (K, ſ)
             if folded and low is None:
                 low = text.lower()
             hay = low if folded else text
             if not all(any(x in hay for x in lits) for lits in sets):
                 continue
-        text, k = _sub_secret(pat, text) if group else pat.subn(REDACTED, text)
+        text, k = _sub_secret(pat, text)
         if k:
             n += k
             low = None

@@ -16,10 +16,13 @@ from codeadapt.secrets import REDACTED, needs, redact_text
 
 
 def reference(text: str) -> tuple[str, int]:
-    """Every pattern on the text, in redaction order, no prefilter."""
-    n = 0
-    for pat, group, _, _ in secrets._plan():
-        text, k = secrets._sub_secret(pat, text) if group else pat.subn(REDACTED, text)
+    """Every pattern on the text, in redaction order, no prefilter (the code before it)."""
+    text, n = secrets.PRIVATE_KEY_BLOCK.subn(REDACTED, text)
+    for pat in secrets.EXTRA:
+        text, k = secrets._sub_secret(pat, text)
+        n += k
+    for pat in secrets._patterns():
+        text, k = pat.subn(REDACTED, text)
         n += k
     return text, n
 
@@ -69,7 +72,7 @@ def planted(seed: int = 0, per_pattern: int = 6) -> list[tuple[re.Pattern[str], 
     secret is written in (assignments, quotes, upper case, a non-ASCII neighbour)."""
     rng = random.Random(seed)
     out = []
-    for pat, _, _, _ in secrets._plan():
+    for pat, _, _ in secrets._plan():
         parsed = sre_parse.parse(pat.pattern, pat.flags)
         for _ in range(per_pattern):
             s = sample(parsed, rng, {})
