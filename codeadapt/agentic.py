@@ -292,4 +292,5 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),
             "spec": spec.model_dump(), "tasks": len(tasks), "kinds": kinds_of(tasks),
             "load_s": load_s, "run_s": time.perf_counter() - tic,
-            "summary": summarize_tasks(tasks, outcomes), "outcomes": outcomes_json(outcomes)}
+            "summary": summarize_tasks(tasks, outcomes),
+            "outcomes": outcomes_json(outcomes, payload.get("keep_transcripts", 20))}

@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--phase", default="phase7", help="whose held-out files to draw tasks from")
     ap.add_argument("--out", default="adapters/.agentic-scores.json")
+    ap.add_argument("--transcripts", type=int, default=20,
+                    help="keep the transcripts of this many tasks per row (default: %(default)s)")
     args = ap.parse_args()
 
     settings = load_settings(ROOT / "pipeline.toml", overrides=[f"agentic.tasks={args.tasks}"])
@@ -47,7 +49,8 @@ def main() -> None:
         payload = {"model_dir": str(model), "adapter_dir": str(adapter) if adapter else None,
                    "data_dir": str(data / args.phase), "repos_dir": str(settings.resolve(settings.paths.repos)),
                    "spec": settings.eval.model_dump(), "agentic": settings.agentic.model_dump(),
-                   "fixed_set": None, "held_out_dir": str(held) if held else None}
+                   "fixed_set": None, "held_out_dir": str(held) if held else None,
+                   "keep_transcripts": args.transcripts}
         tic = time.perf_counter()
         if row == "rules":
             from codeadapt.agentic import agentic_job
