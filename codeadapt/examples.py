@@ -23,7 +23,7 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "7"
+GENERATOR_VERSION = "8"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async", "grep_refine")
 READ_KINDS = ("read_class", "read_function", "read_method", "followup_read", "followup_params",
@@ -132,8 +132,17 @@ def _defined_answer(name: str, what: str) -> Callable[[list[tuple[str, int, str]
         if len(hits) == 1:
             p, n, _ = hits[0]
             return f"{what} `{name}` is defined in `{p}` at line {n}."
-        return f"`{name}` is defined in {len(hits)} places:\n{_loc_list(hits)}"
+        return f"`{name}` is defined in more than one place:\n{_loc_list(hits)}\n\n{_total(len(hits), 'place')}"
     return answer
+
+
+def _total(n: int, noun: str, plural: str = "") -> str:
+    """The count that closes a list answer. It comes after the list, not before: a model
+    writes the items by copying the tool result line by line and counts what it wrote,
+    where a count up front must be right before a single item is written (SmolLM2 trained
+    on count-first lists wrote "2 times" above most lists, the most common count, and then
+    about as many items; README)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'} in all."
 
 
 def _public(sym: Symbol) -> bool:
@@ -178,7 +187,7 @@ def gen_grep_subclasses(ctx: Ctx) -> Iterator[Example | None]:
         def answer(hits: list[tuple[str, int, str]], name: str = name) -> str:
             found = _class_names(hits)
             lines = "\n".join(f"- `{c}` (`{p}`, line {n})" for c, p, n in found)
-            return f"{len(found)} class{'es' if len(found) != 1 else ''} subclass `{name}`:\n{lines}"
+            return f"Classes that subclass `{name}`:\n{lines}\n\n{_total(len(found), 'class', 'classes')}"
 
         args = {"pattern": rf"^\s*class \w+\(.*\b{name}\b", "glob": "*.py"}
         yield _grep_example(ctx, "grep_subclasses", name, args, subs[name], answer,
@@ -198,7 +207,7 @@ def gen_grep_decorator(ctx: Ctx) -> Iterator[Example | None]:
     for name in _shuffled(ctx, "grep_decorator", names):
 
         def answer(hits: list[tuple[str, int, str]], name: str = name) -> str:
-            return f"`@{name}` is used {len(hits)} times:\n{_loc_list(hits)}"
+            return f"`@{name}` is applied here:\n{_loc_list(hits)}\n\n{_total(len(hits), 'use')}"
 
         # Decorators sit on the first line of a decorated definition; grep must find them all.
         args = {"pattern": rf"^\s*@{re.escape(name)}\b", "glob": "*.py"}
@@ -217,7 +226,8 @@ def gen_grep_importers(ctx: Ctx) -> Iterator[Example | None]:
 
         def answer(hits: list[tuple[str, int, str]], mod: str = mod) -> str:
             files = sorted({p for p, _, _ in hits})
-            return f"{len(files)} files import `{mod}`:\n" + "\n".join(f"- `{f}`" for f in files)
+            items = "\n".join(f"- `{f}`" for f in files)
+            return f"Files that import `{mod}`:\n{items}\n\n{_total(len(files), 'file')}"
 
         esc = re.escape(mod)
         args = {"pattern": rf"^\s*(from {esc} import|import {esc}\b)", "glob": "*.py"}
@@ -235,7 +245,8 @@ def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
         def answer(hits: list[tuple[str, int, str]]) -> str:
             names = [(m[1], n) for _, n, t in hits if (m := re.match(r"\s*async def (\w+)", t))]
             items = "\n".join(f"- `{f}` (line {n})" for f, n in names)
-            return f"`{hits[0][0]}` defines {len(names)} async function{'s' if len(names) != 1 else ''}:\n{items}"
+            return (f"Async functions in `{hits[0][0]}`:\n{items}\n\n"
+                    f"{_total(len(names), 'async function')}")
 
         args = {"pattern": r"^\s*async def \w+", "path": path}
         expect = {(s.path, s.def_line) for s in per_file[path]}

@@ -196,3 +196,25 @@ def test_a_refined_search_follows_a_miss_on_a_mistyped_name(made) -> None:
         name = meant.pop()
         assert name.startswith(prefix) and f"{ex.path}:" in hits
         assert answer.index(f"`{name}`") < answer.index("\n") if "\n" in answer else True  # named first
+
+
+LIST_KINDS = ("grep_subclasses", "grep_decorator", "grep_importers", "grep_async")
+
+
+def test_list_answers_give_the_count_after_the_items(made) -> None:
+    """Every item the grep found, one per bullet, before the count: a count written first
+    has to be right before any item is (the trained model wrote the commonest count, 2,
+    above most lists); the count then equals the bullets above it."""
+    lists = [ex for ex in made if ex.kind in LIST_KINDS or (
+        ex.kind in ("grep_class", "grep_function") and "\n- " in ex.messages[-1]["content"])]
+    assert {ex.kind for ex in lists} >= {"grep_decorator", "grep_importers"}
+    for ex in lists:
+        answer = ex.messages[-1]["content"]
+        head, *rest = answer.split("\n")
+        assert not re.search(r"\d", re.sub(r"`[^`]*`", "", head)), head  # no count up front
+        bullets = [ln for ln in rest if ln.startswith("- ")]
+        hits = [ln for ln in ex.messages[-2]["content"].splitlines() if ln]
+        assert bullets and len(bullets) <= len(hits)
+        total = re.fullmatch(r"(\d+) [a-z ]+ in all\.", rest[-1])
+        assert total and int(total[1]) == len(bullets), answer
+        assert rest.index(bullets[-1]) < len(rest) - 1
