@@ -139,9 +139,9 @@ def _defined_answer(name: str, what: str) -> Callable[[list[tuple[str, int, str]
 def _total(n: int, noun: str, plural: str = "") -> str:
     """The count that closes a list answer. It comes after the list, not before: a model
     writes the items by copying the tool result line by line and counts what it wrote,
-    where a count up front must be right before a single item is written (SmolLM2 trained
-    on count-first lists wrote "2 times" above most lists, the most common count, and then
-    about as many items; README)."""
+    where a count up front must be right before a single item is written (the phase-7
+    adapter trained on count-first lists began all 15 of its counted agentic answers with
+    "2", the commonest count in training, and 9 of 14 lists missed hits; README)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'} in all."
 
 
