@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -184,21 +185,57 @@ def child(mode: str, arg: str) -> dict:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, __file__, f"--{mode}", arg], env=env, cwd=ROOT,
                                 stdout=out, stderr=err, text=True)
-        me, peak_self, peak_all = psutil.Process(proc.pid), 0, 0
+        me, peak_self, peak_all, peak_pss, at_peak = psutil.Process(proc.pid), 0, 0, 0, []
         while proc.poll() is None:
             try:
-                own = me.memory_info().rss
-                kids = [k.memory_info().rss for k in me.children(recursive=True) if k.name() != "git"]
+                procs = [me] + me.children(recursive=True)
             except psutil.Error:
-                own, kids = 0, []
-            peak_self, peak_all = max(peak_self, own), max(peak_all, own + sum(kids))
+                procs = []
+            rss, pss, own = [], 0, 0
+            for k in procs:
+                try:
+                    if k.name() != "git":
+                        rss.append((k.memory_info().rss, _label(k)))
+                        pss += _pss(k.pid)
+                        own = rss[-1][0] if k is me else own
+                except psutil.Error:  # exited (or a zombie) since the listing
+                    continue
+            total = sum(r for r, _ in rss)
+            peak_self, peak_pss = max(peak_self, own), max(peak_pss, pss)
+            if total > peak_all:
+                peak_all, at_peak = total, sorted(rss, reverse=True)
             time.sleep(0.2)
         out.seek(0)
         err.seek(0)
         if proc.returncode:
             sys.exit(f"{mode} {arg} failed:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
-    return {**result, "peak_self_mb": peak_self / 2**20, "peak_all_mb": peak_all / 2**20}
+    return {**result, "peak_self_mb": peak_self / 2**20, "peak_all_mb": peak_all / 2**20,
+            "peak_pss_mb": peak_pss / 2**20,
+            "at_peak": [f"{label} {r / 2**20:.0f}" for r, label in at_peak]}
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages (libraries, pages a forked worker still
+    shares with its parent) divided among the processes that map them, so a sum over
+    processes counts each page once; an RSS sum counts a shared page in every process."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return int(m[1]) * 1024 if m else 0
+
+
+def _label(p) -> str:
+    """A short name for a sampled process: the module or script it runs."""
+    cmd = p.cmdline()
+    if "-c" in cmd:  # multiprocessing's children: python [flags] -c "from multiprocessing..."
+        code = cmd[cmd.index("-c") + 1] if cmd.index("-c") + 1 < len(cmd) else ""
+        return next((n for n in ("resource_tracker", "forkserver", "spawn_main") if n in code), "python -c")
+    mod = next((cmd[i + 1] for i, c in enumerate(cmd[:-1]) if c == "-m"), None)
+    script = next((c for c in cmd[1:] if not c.startswith("-")), None)
+    return mod or (Path(script).name if script else p.name())
 
 
 STAGES = {"sync": "sync_repo", "base": "make_base", "extract": "extract_repo",
@@ -245,6 +282,8 @@ def summarize(label: str, run: dict, fl: dict, mbs: dict[str, float]) -> dict:
     print(f"peak RSS: flow process {run['peak_self_mb']:.0f} MB; with its Prefect server and workers "
           f"{run['peak_all_mb']:.0f} MB (sampled every 0.2 s, git excluded); Prefect server start "
           f"{run['server_s']:.1f} s (not in the flow wall); failed sources: {len(run['failed'])}")
+    print(f"  at that peak, MB per process: {', '.join(run['at_peak'])}; peak of the summed PSS "
+          f"(each shared page counted once) {run['peak_pss_mb']:.0f} MB")
     print(f"dataset files sha256: {run['outputs_sha256']}")
     return {"label": label, "wall_s": run["wall_s"], "floor_core_s": fl["core_s"], "examples": n_ex,
             "sha": run["outputs_sha256"]}
