@@ -10,6 +10,7 @@ import pytest
 
 import codeadapt
 from codeadapt import examples, tools
+from codeadapt.agentic import SET_KINDS
 from codeadapt.extract import extract_checkout
 from codeadapt.trajectories import AHEAD, BEHIND
 
@@ -198,14 +199,11 @@ def test_a_refined_search_follows_a_miss_on_a_mistyped_name(made) -> None:
         assert answer.index(f"`{name}`") < answer.index("\n") if "\n" in answer else True  # named first
 
 
-LIST_KINDS = ("grep_subclasses", "grep_decorator", "grep_importers", "grep_async")
-
-
 def test_list_answers_give_the_count_after_the_items(made) -> None:
     """Every item the grep found, one per bullet, before the count: a count written first
     has to be right before any item is (the trained model wrote the commonest count, 2,
     above most lists); the count then equals the bullets above it."""
-    lists = [ex for ex in made if ex.kind in LIST_KINDS or (
+    lists = [ex for ex in made if ex.kind in SET_KINDS or (
         ex.kind in ("grep_class", "grep_function") and "\n- " in ex.messages[-1]["content"])]
     assert {ex.kind for ex in lists} >= {"grep_decorator", "grep_importers"}
     for ex in lists:
