@@ -241,11 +241,19 @@ def kinds_of(tasks: Sequence[Task]) -> dict[str, int]:
     return out
 
 
-def sample_tasks(tasks: Sequence[Task], limit: int) -> list[Task]:
-    """A stable sample: the `limit` tasks with the smallest hash of their id."""
+def sample_key(task: Task) -> str:
+    """A task's place in the stable sample: a hash of its repository and question. Not of the
+    example id, which hashes the whole conversation: a generator change that rewords answers
+    (v8's list answers) would then draw another sample, and two versions could not be compared
+    on the same questions."""
     import hashlib
 
-    return sorted(tasks, key=lambda t: hashlib.sha256(t.id.encode()).hexdigest())[:limit]
+    return hashlib.sha256(f"{task.source}\0{task.question}".encode()).hexdigest()
+
+
+def sample_tasks(tasks: Sequence[Task], limit: int) -> list[Task]:
+    """A stable sample: the `limit` tasks with the smallest `sample_key` (ties by id)."""
+    return sorted(tasks, key=lambda t: (sample_key(t), t.id))[:limit]
 
 
 def mix_tasks(pools: Sequence[Sequence[Task]], limit: int) -> list[Task]:

@@ -71,3 +71,14 @@ def test_mixed_tasks_split_the_budget_across_files_and_repositories(tasks) -> No
     assert len(mixed) == 8 and sum(t in repos for t in mixed) == 3  # the short pool gives all it has
     assert agentic.mix_tasks([files, []], 4) == agentic.sample_tasks(files, 4)
     assert agentic.mix_tasks([files, repos], 8) == mixed  # stable
+
+
+def test_the_sample_survives_a_change_of_answer_text(tasks) -> None:
+    """A generator change that rewrites answers (so every example id) keeps the questions, and
+    versions must be compared on the same ones: the sample is drawn by repository + question."""
+    from dataclasses import replace
+
+    reworded = [replace(t, id=f"v9-{t.id}", expected=t.expected + " (reworded)") for t in tasks]
+    before = [t.question for t in agentic.sample_tasks(tasks, 7)]
+    assert [t.question for t in agentic.sample_tasks(reworded, 7)] == before
+    assert len(set(before)) == 7
