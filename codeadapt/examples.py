@@ -23,7 +23,7 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "8"
+GENERATOR_VERSION = "9"
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async", "grep_refine")
 READ_KINDS = ("read_class", "read_function", "read_method", "followup_read", "followup_params",

@@ -8,8 +8,9 @@ and a search that misses and is refined.
   typo and answers with what that finds. The refined pattern is a rule the model can apply to
   any miss: keep the name up to the first letter it cannot trust.
 - `find_behaviour`: the question describes what a definition does (its docstring's first
-  sentence, verb re-inflected) without naming it; the model picks a distinctive phrase of the
-  description to grep for, reads a window around the one hit (`BEHIND` lines above it to
+  sentence, verb re-inflected) without naming it; in half of them the model first greps the
+  question's opening words, which the code does not contain ("No matches."), then picks a
+  distinctive phrase of the description to grep for, reads a window around the one hit (`BEHIND` lines above it to
   `AHEAD` below: the enclosing `def` is on screen) and names the definition it found.
 - `followup_params` / `followup_decorated`: after "show me X" (grep → read → code), a second
   question whose answer is already on screen (X's parameters; whether and how it is
@@ -122,6 +123,8 @@ def refine_answer(typo: str, prefix: str, hits: list[tuple[str, int, str]]) -> s
 
 BEHIND, AHEAD = 6, 4  # a hit inside a definition: read from BEHIND lines above it to AHEAD below
 MAX_PHRASE_TRIES = 6  # greps tried per described definition before giving up on it
+MISS_SHARE = 0.5  # of behaviour questions first search the question's own words (kept when they miss)
+MISS_WORDS = 3
 _STOP = frozenset("a an the of to and or for in on by with from as is be it its this that these "
                   "those into at if not no all any".split())
 VERBS = frozenset("""add apply build call check clean close collect compare compute configure convert
@@ -220,10 +223,35 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
         question = wordings.pick("find_behaviour", ctx.rng("find_behaviour", s.qualname, "phrase"),
                                  ctx.in_test(s.path, s.start_line), repo=ctx.source, did=did, does=does)
         answer = f"The {s.kind} `{s.name}` in `{s.path}`, line {s.def_line}. Its docstring: {sentence}."
-        msgs = [chat.user(question), chat.tool_call("call_1", "grep", {"pattern": phrase, "glob": "*.py"}),
-                chat.tool_result("call_1", "grep", gres), chat.tool_call("call_2", "read_file", rargs),
-                chat.tool_result("call_2", "read_file", rres), chat.assistant(answer)]
+        searches = [({"pattern": phrase, "glob": "*.py"}, gres)]
+        if ctx.rng("find_behaviour", s.qualname, "miss").random() < MISS_SHARE:
+            searches[:0] = _missed_search(ctx, question, does if does in question else did)
+        msgs = [chat.user(question)]
+        for i, (args, result) in enumerate(searches, 1):
+            msgs += [chat.tool_call(f"call_{i}", "grep", args), chat.tool_result(f"call_{i}", "grep", result)]
+        n = len(searches) + 1
+        msgs += [chat.tool_call(f"call_{n}", "read_file", rargs),
+                 chat.tool_result(f"call_{n}", "read_file", rres), chat.assistant(answer)]
         yield ctx.example(msgs, "find_behaviour", s.path, s.start_line, s.end_line)
+
+
+def _missed_search(ctx: Ctx, question: str, clause: str) -> list[tuple[dict, str]]:
+    """The search a person tries first, the question's own opening words (verb as worded:
+    "returns the default"), when it finds nothing on the checkout: the docstring says
+    "Return the default", and the wording never is the code's. [] when it hits or the words
+    are not plain. The phrase search that follows is the recovery a miss needs (stop 24's
+    adapter answered "No matches." with invented locations: no training conversation had a
+    miss followed by a different search of the same question)."""
+    words = clause.split()[:MISS_WORDS]
+    if len(words) < MISS_WORDS or not all(re.fullmatch(r"[A-Za-z]+", w) for w in words):
+        return []
+    args = {"pattern": " ".join(words), "glob": "*.py"}
+    result = tools.execute(ctx.root, "grep", args)
+    if result != "No matches.":
+        ctx.stats["behaviour_question_words_found"] += 1
+        return []
+    ctx.stats["behaviour_question_words_missed"] += 1
+    return [(args, result)]
 
 
 def params_answer(s) -> str:
