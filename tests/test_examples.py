@@ -55,7 +55,7 @@ def test_show_answers_quote_the_code_that_was_read(made) -> None:
         answer, read = ex.messages[-1]["content"], _calls(ex)[-1][2]
         code = answer.split("```python\n", 1)[1].rsplit("\n```", 1)[0]
         assert code.splitlines()[0].strip() in read
-        assert f"lines {ex.start_line}–{ex.end_line}" in answer
+        assert f"`{ex.path}` at line {ex.start_line}" in answer and "–" not in answer.split("\n")[0]
 
 
 def test_explanations_look_the_symbol_up_first(made) -> None:
