@@ -7,7 +7,8 @@ keywords pick a search — subclasses, decorator uses, importers, async function
 check by its keyword, else "where is X defined". A question that names no identifier (it
 describes behaviour) greps its longest pair of adjacent plain words. After a grep: a "show /
 explain" question reads the first hit from its line, a described one reads a window around
-it; otherwise the answer restates the hits. After a read: the answer quotes the code read
+it; otherwise the answer restates the hits (with the name each `class`/`def` hit
+defines). After a read: the answer quotes the code read
 ("show"), its docstring's first line ("explain"), or the definition above the hit
 (described). A follow-up with no name after a read answers from that read: the parameters in
 the `def` line, or the `@` lines above it.
@@ -102,8 +103,17 @@ def after_grep(question: str, result: str) -> str:
     if not hits:
         return "Nothing in the repository matches."
     if len(hits) == 1:
-        return f"`{_name(question)}` is in `{hits[0][0]}` at line {hits[0][1]}."
-    return f"{len(hits)} matches:\n" + "\n".join(f"- `{p}`, line {n}" for p, n, _ in hits)
+        return f"`{_defined(hits[0][2]) or _name(question)}` is in `{hits[0][0]}` at line {hits[0][1]}."
+    return f"{len(hits)} matches:\n" + "\n".join(
+        f"- `{name}` (`{p}`, line {n})" if (name := _defined(text)) else f"- `{p}`, line {n}"
+        for p, n, text in hits)
+
+
+def _defined(line: str) -> str | None:
+    """The name a `class` / `def` line defines (a subclass search lists the subclasses, not
+    the base the question names)."""
+    m = re.match(r"\s*(?:class|def|async\s+def)\s+(\w+)", line)
+    return m[1] if m else None
 
 
 def followup(question: str, result: str) -> str:

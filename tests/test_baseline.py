@@ -50,6 +50,23 @@ def test_rules_read_the_hit_only_when_asked_to_show() -> None:
     assert baseline.rule_output(grep_turn) == "`run` is in `pkg/a.py` at line 4."
 
 
+def test_rules_name_what_each_hit_defines() -> None:
+    """A subclass search answers with the subclasses' names, which the expected list holds,
+    not the base the question names."""
+    from codeadapt.agentic import Task, score_answer
+
+    hits = "a.py:3:class B(A):\nb.py:9:class C(mod.A):"
+    msgs = [chat.system("r"), chat.user("Which classes subclass `A`?"),
+            chat.tool_call("c1", "grep", {"pattern": "x"}), chat.tool_result("c1", "grep", hits)]
+    answer = baseline.rule_output(msgs)
+    task = Task("t", "s", "grep_subclasses", ".", chat.system("r"), "Which classes subclass `A`?",
+                "Classes that subclass `A`:\n- `B` (`a.py`, line 3)\n- `C` (`b.py`, line 9)\n\n2 classes in all.",
+                1, (), "c")
+    assert score_answer(task, answer)[0], answer
+    msgs[-1] = chat.tool_result("c1", "grep", "a.py:3:class B(A):")
+    assert baseline.rule_output(msgs) == "`B` is in `a.py` at line 3."
+
+
 @pytest.mark.parametrize("question, tool_text", [
     ("", None), ("``", None), ("@@@ ((( `[`", None), ("What about `a.b.`?", None),
     ("Show me `x`.", "error: no such file"), ("Show me `x`.", "No matches."),
