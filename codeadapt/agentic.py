@@ -286,6 +286,7 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     tasks = mix_tasks(pools, spec.tasks)
     if not tasks:
         raise ValueError(f"{payload['data_dir']}: no held-out conversation ends in an answer after a call")
+    over_cap = None  # tasks whose expected answer is longer than a turn may be: unpassable
     if payload["model_dir"] == "rules":
         gen, load_s = rules_generator(), 0.0
     else:
@@ -295,10 +296,11 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
             payload["model_dir"], payload.get("adapter_dir"), ev.fast_kernels)
         load_s += adapter_s
         gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size)
+        over_cap = sum(len(tokenizer.encode(t.expected)) > spec.max_tokens for t in tasks)
     tic = time.perf_counter()
     outcomes = run_tasks(tasks, gen, spec.max_calls)
     return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),
             "spec": spec.model_dump(), "tasks": len(tasks), "kinds": kinds_of(tasks),
-            "load_s": load_s, "run_s": time.perf_counter() - tic,
+            "load_s": load_s, "run_s": time.perf_counter() - tic, "over_cap": over_cap,
             "summary": summarize_tasks(tasks, outcomes),
             "outcomes": outcomes_json(outcomes, payload.get("keep_transcripts", 20))}

@@ -207,7 +207,8 @@ class AgenticSpec(Strict):
     tasks: int = Field(30, ge=0, description="tasks per row (a stable hash sample of the held-out "
                        "conversations that end in an answer after calls); 0 = off")
     max_calls: int = Field(4, ge=1, le=32, description="tool calls a task may make")
-    max_tokens: int = Field(160, ge=1, le=4096, description="generation limit per turn")
+    max_tokens: int = Field(384, ge=1, le=4096, description="generation limit per turn (above the "
+                            "longest expected answer, or a task cannot be passed)")
     batch_size: int = Field(8, ge=1, le=256, description="tasks decoded together per round")
 
 

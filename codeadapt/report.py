@@ -75,7 +75,7 @@ def _agentic_cells(result: dict[str, Any] | None) -> dict[str, Any]:
     a = result["summary"]["all"]
     return {"agentic": a["success"], "agentic_lo": a["lo"], "agentic_hi": a["hi"],
             "agentic_summary": result["summary"], "agentic_tasks": result["tasks"],
-            "agentic_kinds": result.get("kinds", {})}
+            "agentic_kinds": result.get("kinds", {}), "agentic_over_cap": result.get("over_cap")}
 
 
 def agentic_markdown(table: Sequence[dict[str, Any]]) -> str:
@@ -97,6 +97,10 @@ def agentic_markdown(table: Sequence[dict[str, Any]]) -> str:
             _num(a["calls_per_task"], ".2f"), _pct(a["invalid_call_rate"]),
             _num(a["seconds_per_task"], ".1f"), fails]) + " |")
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(rows[0].get("agentic_kinds", {}).items()))
+    over = max((r.get("agentic_over_cap") or 0 for r in rows), default=0)
+    if over:
+        lines.append(f"\n{over} task(s) expect an answer longer than `agentic.max_tokens`: no "
+                     "model row can pass them (raise the limit).")
     return ("\n## Agentic tasks\n\nThe model gets only the question, calls the real tools on the "
             "pinned checkout in a loop and is scored on its final answer (lists by precision and "
             "recall of their items, F1 >= 0.8; other answers by their facts and yes/no polarity); "

@@ -90,6 +90,9 @@ def _print(row: str, result: dict) -> None:
     print(f"    calls/task {a['calls_per_task'] or 0:.2f}, invalid-call rate "
           f"{a['invalid_call_rate'] or 0:.2f}, {a['seconds_per_task'] or 0:.1f} s/task, "
           f"wall {result['wall_s']:.0f} s (load {result['load_s']:.1f} s); failures {s['failures']}")
+    if result.get("over_cap"):
+        print(f"    {result['over_cap']} tasks expect an answer longer than agentic.max_tokens: "
+              "no model can pass them")
 
 
 if __name__ == "__main__":

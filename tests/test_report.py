@@ -104,6 +104,10 @@ def test_agentic_rows_get_their_own_table_and_bars(tmp_path: Path) -> None:
     assert "| base | 1 | 100.0% [" in section and "| 2.00 |" in section and "(grep 1)" in section
     assert "held-out repos" in section and "| – |" in section  # no repo-held-out task here
     assert (tmp_path / report.CHART_FILE).stat().st_size > 1000
+    assert "longer than `agentic.max_tokens`" not in section
+    rows = [{**r, "agentic": {**result, "over_cap": 2}} for r in ROWS]
+    section = report.write_report(rows, tmp_path).read_text().split("## Agentic tasks", 1)[1]
+    assert "2 task(s) expect an answer longer than `agentic.max_tokens`" in section
 
 
 def test_turn_table_splits_trained_and_unseen_repositories() -> None:
