@@ -10,8 +10,9 @@ and a search that misses and is refined.
 - `find_behaviour`: the question describes what a definition does (its docstring's first
   sentence, verb re-inflected) without naming it; in half of them the model first greps the
   question's opening words, which the code does not contain ("No matches."), then picks a
-  distinctive phrase of the description to grep for, reads a window around the one hit (`BEHIND` lines above it to
-  `AHEAD` below: the enclosing `def` is on screen) and names the definition it found.
+  distinctive phrase of the description to grep for, reads a window around the one hit
+  (`BEHIND` lines above it to `AHEAD` below: the enclosing `def` is on screen) and names the
+  definition it found.
 - `followup_params` / `followup_decorated`: after "show me X" (grep → read → code), a second
   question whose answer is already on screen (X's parameters; whether and how it is
   decorated) is answered from that read with no new call.
@@ -237,9 +238,9 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
 
 def _missed_search(ctx: Ctx, question: str, clause: str) -> list[tuple[dict, str]]:
     """The search a person tries first, the question's own opening words (verb as worded:
-    "returns the default"), when it finds nothing on the checkout: the docstring says
-    "Return the default", and the wording never is the code's. [] when it hits or the words
-    are not plain. The phrase search that follows is the recovery a miss needs (stop 24's
+    "returns the default"), when it finds nothing on the checkout (the question re-inflects
+    the docstring's "Return the default"). [] when it finds something or the words are not
+    plain. The phrase search that follows is the recovery a miss needs (stop 24's
     adapter answered "No matches." with invented locations: no training conversation had a
     miss followed by a different search of the same question)."""
     words = clause.split()[:MISS_WORDS]
