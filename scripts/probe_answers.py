@@ -43,14 +43,14 @@ def main() -> None:
     import mlx_lm
     import numpy as np
     from mlx_lm.tuner.utils import load_adapters
-    from score_agentic import _base_dir
+    from score_agentic import trained_base
 
     from codeadapt.config import load_settings
     from codeadapt.train import encode_record
 
     settings = load_settings(ROOT / "pipeline.toml")
     data, adapters = settings.resolve(settings.paths.data), settings.resolve(settings.paths.adapters)
-    model, tok = mlx_lm.load(str(_base_dir(adapters, data)))
+    model, tok = mlx_lm.load(str(trained_base(adapters, data)))
     if args.adapter != "none":
         model = load_adapters(model, str(adapters / args.adapter))
     model.eval()

@@ -45,7 +45,7 @@ def main() -> None:
         adapter = None if row in ("base", "rules") else adapters / row
         if adapter is not None and not (adapter / "adapters.safetensors").is_file():
             sys.exit(f"{adapter}: no trained adapter (run `uv run codeadapt run {args.phase}` first)")
-        model = "rules" if row == "rules" else _base_dir(adapters, data)
+        model = "rules" if row == "rules" else trained_base(adapters, data)
         payload = {"model_dir": str(model), "adapter_dir": str(adapter) if adapter else None,
                    "data_dir": str(data / args.phase), "repos_dir": str(settings.resolve(settings.paths.repos)),
                    "spec": settings.eval.model_dump(), "agentic": settings.agentic.model_dump(),
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _base_dir(adapters: Path, data: Path) -> Path:
+def trained_base(adapters: Path, data: Path) -> Path:
     """The base the adapters were trained on (their config names it), else the converted SmolLM2."""
     for cfg in sorted(adapters.glob("phase*/adapter_config.json")):
         model = Path(json.loads(cfg.read_text())["model"])

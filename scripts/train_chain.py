@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> None:
-    from score_agentic import _base_dir
+    from score_agentic import trained_base
 
     from codeadapt.config import load_settings
     from codeadapt.train import train_in_worker
@@ -38,7 +38,7 @@ def main() -> None:
 
     settings = load_settings(ROOT / "pipeline.toml")
     data, adapters = settings.resolve(settings.paths.data), settings.resolve(settings.paths.adapters)
-    base = _base_dir(adapters, data)
+    base = trained_base(adapters, data)
     prev = None
     for phase in settings.phase_chain(args.phase):
         spec = settings.train_spec(phase)
