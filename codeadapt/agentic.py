@@ -179,8 +179,13 @@ def summarize_tasks(tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> dict[
                 "seconds_per_task": sum(o.seconds for _, o in pairs) / n if n else None}
 
     pairs = list(zip(tasks, outcomes))
+    by_kind: dict[str, list[int]] = {}
+    for t, o in pairs:
+        k = by_kind.setdefault(kind_name(t), [0, 0])
+        k[0], k[1] = k[0] + o.success, k[1] + 1
     return {"all": part(pairs), "held_out_files": part([p for p in pairs if not p[0].held_out]),
             "held_out_repos": part([p for p in pairs if p[0].held_out]),
+            "by_kind": dict(sorted(by_kind.items())),  # kind -> [successes, tasks]
             "failures": {f: sum(o.failure == f for o in outcomes)
                          for f in sorted({o.failure for o in outcomes if o.failure})}}
 
@@ -233,11 +238,16 @@ def outcomes_json(outcomes: Sequence[Outcome], keep_transcripts: int = 20) -> li
     return rows
 
 
+def kind_name(task: Task) -> str:
+    """The task's kind without the definition's sort (`read_class` and `read_function` are
+    both `read`)."""
+    return re.sub(r"_(class|function|method)$", "", task.kind)
+
+
 def kinds_of(tasks: Sequence[Task]) -> dict[str, int]:
     out: dict[str, int] = {}
     for t in tasks:
-        k = re.sub(r"_(class|function|method)$", "", t.kind)
-        out[k] = out.get(k, 0) + 1
+        out[kind_name(t)] = out.get(kind_name(t), 0) + 1
     return out
 
 
@@ -281,6 +291,9 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
                                                    ev.hold_out_sources, repos))]
     if payload.get("held_out_dir"):  # every split of a phase no adapter trained on
         held = Path(payload["held_out_dir"])
+        if not (held / "manifest.json").is_file():
+            raise FileNotFoundError(f"{held}: no manifest.json; build the held-out phase first "
+                                    "(`codeadapt run phase7 --data-only` builds it)")
         sources = sorted({e["source"] for e in json.loads((held / "manifest.json").read_text())["examples"]})
         pools.append(tasks_from_prompts(prompts_from_split(held, ev.split, sources, repos)))
     tasks = mix_tasks(pools, spec.tasks)

@@ -62,7 +62,25 @@ def main() -> None:
         results[row] = result
         _print(row, result)
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))  # after each row
+    _compare(results)
     print(f"wrote {args.out}")
+
+
+def _compare(results: dict) -> None:
+    """Success per kind for every row, and for each pair of rows the tasks both solve and each
+    alone (the same tasks, so a difference is a difference on the same questions)."""
+    rows = list(results)
+    kinds = sorted({k for r in rows for k in results[r]["summary"].get("by_kind", {})})
+    if kinds:
+        print("by kind (successes/tasks): " + ", ".join(rows))
+        for k in kinds:
+            cells = [results[r]["summary"]["by_kind"].get(k, [0, 0]) for r in rows]
+            print(f"    {k:28s} " + "  ".join(f"{a}/{n}" for a, n in cells))
+    won = {r: {o["task_id"] for o in results[r]["outcomes"] if o["success"]} for r in rows}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            print(f"{a} vs {b}: {len(won[a] & won[b])} both, {len(won[a] - won[b])} only {a}, "
+                  f"{len(won[b] - won[a])} only {b}")
 
 
 def trained_base(adapters: Path, data: Path) -> Path:

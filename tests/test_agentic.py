@@ -40,6 +40,10 @@ def test_rules_solve_tasks_with_the_real_tools(tasks) -> None:
     summary = agentic.summarize_tasks(tasks, outcomes)["all"]
     assert summary["n"] == len(tasks) and 0.3 <= summary["success"] <= 1.0
     assert 1 <= summary["calls_per_task"] <= 3
+    by_kind = agentic.summarize_tasks(tasks, outcomes)["by_kind"]
+    assert by_kind == {k: [sum(o.success for t, o in zip(tasks, outcomes) if agentic.kind_name(t) == k), n]
+                       for k, n in agentic.kinds_of(tasks).items()}
+    assert sum(k for k, _ in by_kind.values()) == summary["k"] and len(by_kind) >= 2
     # Each transcript starts with the question and its tool results are what the tool returns.
     o = outcomes[0]
     assert o.transcript[0]["role"] == "user" and o.transcript[-1]["role"] == "tool"
