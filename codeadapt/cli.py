@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         share_temporary_server()  # a local cluster's workers report to this run's server
     flow = PHASE_FLOWS[args.phase].with_options(task_runner=task_runner(settings.runner))
     result = flow(config=args.config, profile=args.profile, overrides=args.overrides,
-                  models=not args.data_only)
+                  models=not args.data_only, held_out_data=args.data_only)
     print(json.dumps(result, indent=1))
     failed = {n for k, r in result.items() if k != "models" for n in r["failed_sources"]}
     if failed:
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a phase flow (its whole chain) end to end")
     run.add_argument("phase", help="phase5, phase6 or phase7")
     _common(run)
-    run.add_argument("--data-only", action="store_true", help="build the datasets, skip base, training and eval")
+    run.add_argument("--data-only", action="store_true", help="build the datasets (the phase's and the held-out repositories'), "
+                     "skip base, training and eval")
     run.add_argument("--runner", choices=["threads", "dask"], help="task runner (default: [runner] in the config)")
     run.add_argument("--dask-address", metavar="ADDRESS",
                      help="run per-source tasks on an existing Dask cluster, e.g. tcp://host:8786")

@@ -297,7 +297,10 @@ def trusted_results() -> Path:
 
 
 def run_phase(phase: str, config: str, profile: str | None, overrides: list[str] | None,
-              models: bool = True) -> dict[str, Any]:
+              models: bool = True, held_out_data: bool = False) -> dict[str, Any]:
+    """Build `phase`'s data; with `models`, also the held-out repositories' data (and the tiny
+    base's corpus), train and evaluate. `held_out_data` builds the held-out data without models
+    (what `scripts/score_agentic.py` needs after `--data-only`)."""
     settings = load_settings(config, profile=profile, overrides=overrides)
     trusted_results()
     # Threads share one GIL: parse and generate in worker processes. Dask workers already are.
@@ -308,7 +311,7 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
     targets = [phase]
     if models and settings.base_model() == "tiny":
         targets.append(settings.base.corpus_phase)
-    if models and settings.eval.held_out_phase:
+    if (models or held_out_data) and settings.eval.held_out_phase:
         targets.append(settings.eval.held_out_phase)
     # The base's tokenizer sets the data's token budget; the tiny base's is made from the data.
     base = prepare_base(settings, wait=False) if settings.base_model() != "tiny" else None
@@ -330,20 +333,20 @@ def run_phase(phase: str, config: str, profile: str | None, overrides: list[str]
 
 @flow(name="phase5", log_prints=True)
 def phase5(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
-           models: bool = True) -> dict:
-    return run_phase("phase5", config, profile, overrides, models)
+           models: bool = True, held_out_data: bool = False) -> dict:
+    return run_phase("phase5", config, profile, overrides, models, held_out_data)
 
 
 @flow(name="phase6", log_prints=True)
 def phase6(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
-           models: bool = True) -> dict:
-    return run_phase("phase6", config, profile, overrides, models)
+           models: bool = True, held_out_data: bool = False) -> dict:
+    return run_phase("phase6", config, profile, overrides, models, held_out_data)
 
 
 @flow(name="phase7", log_prints=True)
 def phase7(config: str = DEFAULT_CONFIG, profile: str | None = None, overrides: list[str] | None = None,
-           models: bool = True) -> dict:
-    return run_phase("phase7", config, profile, overrides, models)
+           models: bool = True, held_out_data: bool = False) -> dict:
+    return run_phase("phase7", config, profile, overrides, models, held_out_data)
 
 
 @flow(name="base", log_prints=True)

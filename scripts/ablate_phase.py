@@ -48,7 +48,7 @@ def main() -> None:
     held = data / s.eval.held_out_phase if s.eval.held_out_phase else None
     if held is not None and not (held / "manifest.json").is_file():
         raise SystemExit(f"no dataset at {held} (the held-out repositories): `codeadapt run "
-                         "phase7` builds it; `--data-only` does not")
+                         "phase7 --data-only` builds it")
     update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters)) if v is not None}
     # the phase's own step count (phases.*.train_iters) when --data names a phase
     spec = (s.train_spec(args.data) if args.data in s.phases else s.train).model_copy(update=update)

@@ -25,7 +25,8 @@ def run_cli(phase: str, data: Path, results: Path) -> float:
     env = {**os.environ, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     cmd = [sys.executable, "-m", "codeadapt.cli", "run", phase, "--data-only",
-           "--set", f"paths.data='{data}'", "--set", f"paths.repos='{data / 'repos'}'"]
+           "--set", f"paths.data='{data}'", "--set", f"paths.repos='{data / 'repos'}'",
+           "--set", "eval.held_out_phase=''"]  # the phase's own data, as before --data-only built both
     t = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     return time.perf_counter() - t
