@@ -16,7 +16,9 @@ Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it 
   (well-formed, no call, `stop`), and the text matches the expected answer. The expected
   answer's *fact tokens* are its backticked spans and fenced code lines, double-quoted
   strings, file paths, and numbers (`answer_facts`); every one must appear in the output
-  (whitespace-normalised substring; numbers as whole numbers, so "10" doesn't match "1").
+  (whitespace-normalised substring; numbers as whole numbers, so "10" doesn't match "1"),
+  except names and paths the question itself states (`beyond_question`: an echo is not
+  information), unless it states them all.
   An expected answer with no fact tokens (a free-text paraphrase, e.g. of a docstring) is
   matched by bag-of-words token F1 >= 0.5 instead (`ANSWER_F1`); `answer_rule` says which.
   An answer fails first when its first sentence has the opposite yes/no polarity
@@ -231,6 +233,19 @@ def _pasted(output: str, tool_result: str) -> bool:
     return bool(lines) and sum(ln in source for ln in lines) * 2 >= len(lines)
 
 
+def beyond_question(facts: list[str], question: str) -> list[str]:
+    """The facts an answer must give: those the question does not already state. A name or path
+    the question names is an echo, not information — "`get_registered_service_for` is in
+    `svcs/_core.py` at line 446" with the right code answers "Open the
+    `Registry.get_registered_service_for` method" — so it is not required, unless the question
+    states every fact (then all stay required: nothing else could show the answer is right).
+    Numbers always stay; a name counts as stated only as a whole word of the question."""
+    asked = _squash(question)
+    new = [f for f in facts if _NUMBER.fullmatch(f)
+           or not re.search(rf"(?<![\w.]){re.escape(f)}(?![\w])", asked)]
+    return new if new and question else facts
+
+
 def match_answer(output: str, expected: str, question: str = "", tool_result: str = ""
                  ) -> AnswerMatch:
     """Does a direct answer state what the expected answer states? See the module docstring.
@@ -244,7 +259,7 @@ def match_answer(output: str, expected: str, question: str = "", tool_result: st
     want, got = polarity(expected), polarity(output)
     if want and got and want != got:
         return AnswerMatch(False, "polarity")
-    facts = answer_facts(expected)
+    facts = beyond_question(answer_facts(expected), question)
     if not facts:
         if not _WORDS.search(expected):  # nothing to compare against
             return AnswerMatch(bool(output.strip()), "f1")

@@ -636,3 +636,28 @@ def test_clustered_intervals_are_wider_when_files_disagree_and_use_files_when_al
 ])
 def test_answer_scoring_holes(output: str, expected: str, question: str, tool: str, ok: bool) -> None:
     assert ev.match_answer(output, expected, question, tool).ok is ok
+
+
+@pytest.mark.parametrize("output, expected, question, ok", [
+    # The name the question gives need not be echoed in its qualified form...
+    ("`get_registered_service_for` is in `svcs/_core.py` at line 446.",
+     "`Registry.get_registered_service_for` is in `svcs/_core.py` at line 446.",
+     "Open the `Registry.get_registered_service_for` method for me.", True),
+    # ...but what the question does not state still has to be there and right.
+    ("`get_registered_service_for` is in `svcs/_core.py` at line 445.",
+     "`Registry.get_registered_service_for` is in `svcs/_core.py` at line 446.",
+     "Open the `Registry.get_registered_service_for` method for me.", False),
+    # A corrected typo is not in the question: the right name is required.
+    ("`FrozenAttribuetError` is in `attr/exceptions.py` at line 31.",
+     "`FrozenAttributeError` is in `attr/exceptions.py` at line 31.",
+     "Can you find where `FrozenAttribuetError` is?", False),
+    # A name counts as stated only as a whole word: `get` is not stated by `get_abstract`.
+    ("It is in `svcs/_core.py` at line 779.",
+     "`get` is in `svcs/_core.py` at line 779.", "Where is `get_abstract`?", False),
+    # A question that states every fact keeps them all required.
+    ("No, nothing there.", "No element in forms/contact.html has a `tabindex`.",
+     "Does any element in forms/contact.html have a `tabindex`?", False),
+])
+def test_facts_the_question_states_are_not_required(output: str, expected: str, question: str,
+                                                    ok: bool) -> None:
+    assert ev.match_answer(output, expected, question).ok is ok
