@@ -14,7 +14,8 @@ Metrics (`summarize`; each a rate with a 95% Wilson interval, over the turns it 
   after it (`stop`: no extra text, no invented tool response or next turn).
 - `answer`, over turns that expect an answer: no tool-call markup and nothing invented
   (well-formed, no call, `stop`), and the text matches the expected answer. The expected
-  answer's *fact tokens* are its backticked spans and fenced code lines, double-quoted
+  answer's *fact tokens* are its backticked spans and fenced code lines (a quote of
+  read_file's numbered lines without the numbers, so any faithful quote matches), double-quoted
   strings, file paths, and numbers (`answer_facts`); every one must appear in the output
   (whitespace-normalised substring; numbers as whole numbers, so "10" doesn't match "1"),
   except names and paths the question itself states (`beyond_question`: an echo is not
@@ -170,6 +171,7 @@ def _same(a: Any, b: Any) -> bool:
 _QUOTE = re.compile(r"```[^\n]*\n(?P<code>.*?)```|`(?P<tick>[^`\n]+)`|\"(?P<quote>[^\"\n]+)\"", re.S)
 _PATH = re.compile(r"(?<![\w/.-])/?(?:[\w.-]+/)+[\w.-]*\w\.\w+"  # a/b.py, /img/x.svg
                    r"|\b[\w-]+\.(?:py|pyi|html?|css|js|ts|json|toml|cfg|ini|txt|md|rst|ya?ml)\b")
+_NUMBERED = re.compile(r"^\d+: ?")  # a read_file line's prefix
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
 _WORDS = re.compile(r"\w+")
 
@@ -185,7 +187,10 @@ def answer_facts(expected: str) -> list[str]:
     facts: list[str] = []
     for m in _QUOTE.finditer(expected):
         span = next(g for g in m.groups() if g is not None)
-        facts += [_squash(x) for x in span.splitlines() if x.strip()]
+        lines = [x for x in span.splitlines() if x.strip()]
+        if m.group("code") is not None and lines and all(_NUMBERED.match(x) for x in lines):
+            lines = [_NUMBERED.sub("", x) for x in lines]  # a quote of read_file's `N: ` lines
+        facts += [_squash(x) for x in lines if x.strip()]
     rest = _QUOTE.sub(" ", expected)
     for rx in (_PATH, _NUMBER):
         facts += rx.findall(rest)

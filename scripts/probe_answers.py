@@ -55,7 +55,8 @@ def main() -> None:
         model = load_adapters(model, str(adapters / args.adapter))
     model.eval()
     lines = (data / args.phase / f"{args.split}.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if "```python" in r["messages"][-1]["content"]][: args.n]
+    records = [r for r in map(json.loads, lines) if "```" in r["messages"][-1]["content"]
+               and r["messages"][-2]["role"] == "tool"][: args.n]
     total = right = 0
     ce_sum, first_wrong = 0.0, []
     for r in records:

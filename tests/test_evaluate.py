@@ -661,3 +661,25 @@ def test_answer_scoring_holes(output: str, expected: str, question: str, tool: s
 def test_facts_the_question_states_are_not_required(output: str, expected: str, question: str,
                                                     ok: bool) -> None:
     assert ev.match_answer(output, expected, question).ok is ok
+
+
+_QUOTED = ("`Registry.close` is in `svcs/_core.py` at line 40:\n\n```\n40:     def close(self) -> None:\n"
+           "41:         for cb in self._on_close:\n42: \n43:             cb()\n```")
+
+
+@pytest.mark.parametrize("output, ok", [
+    (_QUOTED, True),  # the expected answer itself: read_file's lines as printed
+    # the same code dedented and without the numbers (the rule baseline's form)
+    ("`Registry.close` is in `svcs/_core.py` at line 40:\n\n```python\ndef close(self) -> None:\n"
+     "    for cb in self._on_close:\n\n        cb()\n```", True),
+    # a line dropped is a line missing, numbered or not
+    ("`Registry.close` is in `svcs/_core.py` at line 40:\n\n```\n40:     def close(self) -> None:\n"
+     "43:             cb()\n```", False),
+    # the start line is still a fact the quote's numbers don't stand in for without the path
+    ("```\n40:     def close(self) -> None:\n41:         for cb in self._on_close:\n"
+     "43:             cb()\n```", False),
+])
+def test_a_numbered_quote_is_scored_by_its_code(output: str, ok: bool) -> None:
+    assert ev.answer_facts(_QUOTED)[2:5] == ["def close(self) -> None:", "for cb in self._on_close:",
+                                             "cb()"]
+    assert ev.match_answer(output, _QUOTED, "Show me `Registry.close`.").ok is ok

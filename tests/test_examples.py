@@ -53,8 +53,9 @@ def test_show_answers_quote_the_code_that_was_read(made) -> None:
     assert shows
     for ex in shows:
         answer, read = ex.messages[-1]["content"], _calls(ex)[-1][2]
-        code = answer.split("```python\n", 1)[1].rsplit("\n```", 1)[0]
-        assert code.splitlines()[0].strip() in read
+        code = answer.split("```\n", 1)[1].rsplit("\n```", 1)[0]
+        # verbatim: the first lines of the result, numbers and indentation as the tool printed
+        assert read.startswith(code) and code.splitlines()[0].startswith(f"{ex.start_line}: ")
         assert f"`{ex.path}` at line {ex.start_line}" in answer and "–" not in answer.split("\n")[0]
 
 
@@ -180,7 +181,7 @@ def test_followup_reads_from_the_first_answers_grep_hit(made) -> None:
         assert (g, r) == ("grep", "read_file") and gres.startswith(f"{rargs['path']}:{rargs['start_line']}:")
         assert f"`{rargs['path']}` at line {rargs['start_line']}" in ex.messages[4]["content"]
         assert "`" not in ex.messages[5]["content"]  # the follow-up names nothing: "it"
-        assert "```python" in ex.messages[-1]["content"]
+        assert f"```\n{rargs['start_line']}: " in ex.messages[-1]["content"]
 
 
 def test_a_refined_search_follows_a_miss_on_a_mistyped_name(made) -> None:
