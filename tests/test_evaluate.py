@@ -675,7 +675,7 @@ _QUOTED = ("`Registry.close` is in `svcs/_core.py` at line 40:\n\n```\n40:     d
     # a line dropped is a line missing, numbered or not
     ("`Registry.close` is in `svcs/_core.py` at line 40:\n\n```\n40:     def close(self) -> None:\n"
      "43:             cb()\n```", False),
-    # the start line is still a fact the quote's numbers don't stand in for without the path
+    # the quote alone does not answer: the path it is in is a fact too
     ("```\n40:     def close(self) -> None:\n41:         for cb in self._on_close:\n"
      "43:             cb()\n```", False),
 ])
