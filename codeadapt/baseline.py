@@ -6,8 +6,8 @@ Rules, first turn: a backticked name (else the last identifier-like word) and th
 keywords pick a search — subclasses, decorator uses, importers, async functions, an HTML
 check by its keyword, else "where is X defined". A question that names no identifier (it
 describes behaviour) greps its longest pair of adjacent plain words. After a grep: a "show /
-explain" question reads the first hit from its line, a described one reads a window around
-it; otherwise the answer restates the hits (with the name each `class`/`def` hit
+explain" question reads the first hit from its line, a described one reads from the hit alone
+(read_file shows the definition that holds it); otherwise the answer restates the hits (with the name each `class`/`def` hit
 defines). After a read: the answer quotes the code read
 ("show"), its docstring's first line ("explain"), or the definition above the hit
 (described). A follow-up with no name after a read answers from that read: the parameters in
@@ -22,7 +22,7 @@ import textwrap
 from typing import Any
 
 from codeadapt.examples import QUOTE_LINES, code_of, definition_pattern, parse_hits
-from codeadapt.trajectories import AHEAD, BEHIND, enclosing_definition
+from codeadapt.trajectories import enclosing_definition
 
 SHOW = re.compile(r"\b(show|source|implement\w*|code|read|look like|open|print|body)\b", re.I)
 EXPLAIN = re.compile(r"\b(what does|what is|what's|purpose|used for|explain|summari[sz]e|tell me)\b", re.I)
@@ -96,8 +96,7 @@ def first_turn(question: str, repo: str = "") -> str:
 def after_grep(question: str, result: str) -> str:
     hits = parse_hits(result)
     if hits and described(question):
-        return _call("read_file", {"path": hits[0][0], "start_line": max(1, hits[0][1] - BEHIND),
-                                   "end_line": hits[0][1] + AHEAD})
+        return _call("read_file", {"path": hits[0][0], "start_line": hits[0][1]})
     if hits and (SHOW.search(question) or EXPLAIN.search(question)) and not _HTML_PATH.search(question):
         return _call("read_file", {"path": hits[0][0], "start_line": hits[0][1]})
     if not hits:
@@ -135,8 +134,8 @@ def followup(question: str, result: str) -> str:
 
 def after_read(question: str, result: str, args: dict[str, Any]) -> str:
     lines = code_of(result)
-    if described(question) and isinstance(args.get("end_line"), int):
-        found = enclosing_definition(result, max(1, args["end_line"] - AHEAD))
+    if described(question) and isinstance(args.get("start_line"), int):
+        found = enclosing_definition(result, args["start_line"])
         if found:
             return f"The function `{found[0]}` in `{args.get('path')}`, line {found[1]}."
     nums = [int(m[1]) for m in re.finditer(r"(?m)^(\d+): ", result)]

@@ -22,7 +22,7 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "10"  # v10: "show X" quotes the read lines verbatim (numbered)
+GENERATOR_VERSION = "11"  # v11: behaviour reads from the hit alone (read_file shows the enclosing def)
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async", "grep_refine")
 READ_KINDS = ("read_class", "read_function", "read_method", "followup_read", "followup_params",

@@ -54,10 +54,9 @@ TOOL_SCHEMAS: tuple[dict[str, Any], ...] = (
                 "type": "object",
                 "properties": {
                     "path": {"type": "string", "description": "relative path"},
-                    "start_line": {"type": "integer", "description": "first line, 1-based"},
-                    "end_line": {"type": "integer",
-                                 "description": "last line, inclusive; default: end of the "
-                                 "definition or block at start_line"},
+                    "start_line": {"type": "integer",
+                                   "description": "1-based; alone: the whole def/class holding it"},
+                    "end_line": {"type": "integer", "description": "last line, inclusive"},
                 },
                 "required": ["path"],
             },
@@ -251,10 +250,11 @@ def _is_decorator(line: str, base: int) -> bool:
     return line.lstrip().startswith("@") and _indent(line) == base
 
 
-def block_span(lines: list[str], start: int) -> tuple[int, int]:
+def block_span(lines: list[str], start: int, upto: int | None = None) -> tuple[int, int]:
     """The lines (1-based, inclusive) of the statement that begins at line `start` with its
     indented body; for a `def`/`class` or a decorator, the whole definition, decorators
-    included. Indentation only, no parse, so a file that does not parse still reads."""
+    included. Indentation only, no parse, so a file that does not parse still reads. With
+    `upto`, the body is followed no further than that line (a bounded containment check)."""
     base = _indent(lines[start - 1])
     head = lines[start - 1].lstrip()
     first = n = start
@@ -271,11 +271,30 @@ def block_span(lines: list[str], start: int) -> tuple[int, int]:
     end = n
     in_string = _open_string(lines[n - 1], None)
     n += 1
-    while n <= len(lines) and (in_string is not None or _continues(lines[n - 1], base)):
+    while n <= min(len(lines), upto or len(lines)) and (in_string is not None
+                                                        or _continues(lines[n - 1], base)):
         end = n if lines[n - 1].strip() else end
         in_string = _open_string(lines[n - 1], in_string)
         n += 1
     return first, end
+
+
+def enclosing_span(lines: list[str], line: int, reach: int = MAX_READ_LINES) -> tuple[int, int] | None:
+    """The innermost `def`/`class` (decorators included) whose body holds the non-blank `line`,
+    as `block_span` gives it, when its first line is less than `reach` lines above (so a read of it
+    shows `line`); None when there is none. Heads are tried upward from `line`; a head that does
+    not hold it rules out every deeper one above it, so at most one head per indentation level
+    is followed, each no further than `line`: bounded work on any file."""
+    limit: int | None = None
+    for k in range(line - 1, max(0, line - reach), -1):
+        head = lines[k - 1]
+        if not head.lstrip().startswith(DEF_HEADS) or (limit is not None and _indent(head) >= limit):
+            continue
+        if block_span(lines, k, upto=line)[1] >= line:
+            first, end = block_span(lines, k)
+            return (first, end) if line - first < reach else None
+        limit = _indent(head)
+    return None
 
 
 def _open_string(line: str, inside: str | None) -> str | None:
@@ -296,6 +315,16 @@ def _open_string(line: str, inside: str | None) -> str | None:
         i += 3
 
 
+def _span_at(lines: list[str], line: int, path: str) -> tuple[int, int]:
+    """What `read_file` shows for a `start_line` alone (see there)."""
+    head = lines[line - 1].lstrip()
+    if path.endswith((".py", ".pyi")) and head and not head.startswith((*DEF_HEADS, "@")):
+        found = enclosing_span(lines, line)
+        if found is not None:
+            return found
+    return block_span(lines, line)
+
+
 def read_file(
     root: str | os.PathLike[str], path: str, start_line: int | None = None,
     end_line: int | None = None
@@ -303,8 +332,10 @@ def read_file(
     """Lines `start_line..end_line` of `path`, each as `N: text`, at most MAX_READ_LINES.
 
     Defaults: no `start_line` and no `end_line` reads the file from the top; a `start_line`
-    alone reads the definition or block there (`block_span`: a `def` with its decorators and
-    body), so a grep hit's line number is all a caller needs to read a whole function."""
+    alone reads the definition there (`block_span`: a `def` with its decorators and body) or,
+    in a Python file, the innermost definition that holds that line (`enclosing_span`: a hit
+    in a docstring or body), else the block that starts there. So a grep hit's line number is
+    all a caller needs to read the whole function the hit is in."""
     whole = start_line is None
     start_line = 1 if start_line is None else start_line
     root_p = Path(root).resolve()
@@ -322,7 +353,7 @@ def read_file(
         raise ToolError(f"{path} has only {len(lines)} lines")
     first, last = start_line, end_line
     if end_line is None:
-        first, last = (1, len(lines)) if whole else block_span(lines, start_line)
+        first, last = (1, len(lines)) if whole else _span_at(lines, start_line, path)
     if isinstance(last, bool) or not isinstance(last, int) or last < start_line:
         raise ToolError(f"end_line must be an integer >= start_line, got {end_line!r}")
     last = min(last, len(lines), first + MAX_READ_LINES - 1)

@@ -10,9 +10,9 @@ and a search that misses and is refined.
 - `find_behaviour`: the question describes what a definition does (its docstring's first
   sentence, verb re-inflected) without naming it; in half of them the model first greps the
   question's opening words, which the code does not contain ("No matches."), then picks a
-  distinctive phrase of the description to grep for, reads a window around the one hit
-  (`BEHIND` lines above it to `AHEAD` below: the enclosing `def` is on screen) and names the
-  definition it found.
+  distinctive phrase of the description to grep for, reads from the one hit's line alone
+  (read_file then shows the whole definition that holds it, `tools.enclosing_span`: no
+  arithmetic on line numbers) and names the definition it found.
 - `followup_params` / `followup_decorated`: after "show me X" (grep → read → code), a second
   question whose answer is already on screen (X's parameters; whether and how it is
   decorated) is answered from that read with no new call.
@@ -122,7 +122,6 @@ def refine_answer(typo: str, prefix: str, hits: list[tuple[str, int, str]]) -> s
     return f"Nothing is named `{typo}`.{likely} Definitions starting with `{prefix}`:\n{items}"
 
 
-BEHIND, AHEAD = 6, 4  # a hit inside a definition: read from BEHIND lines above it to AHEAD below
 MAX_PHRASE_TRIES = 6  # greps tried per described definition before giving up on it
 MISS_SHARE = 0.5  # of behaviour questions first search the question's own words (kept when they miss)
 MISS_WORDS = 3
@@ -214,7 +213,11 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
             continue
         phrase, (gres, hits) = found
         path, line, _ = hits[0]
-        rargs = {"path": path, "start_line": max(1, line - BEHIND), "end_line": line + AHEAD}
+        if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
+            ctx.stats["dropped_span_too_long"] += 1
+            yield None
+            continue
+        rargs = {"path": path, "start_line": line}  # alone: the definition that holds the hit
         rres = tools.execute(ctx.root, "read_file", rargs)
         if (path, (s.name, s.def_line)) != (s.path, enclosing_definition(rres, line)) \
                 or not s.def_line < line <= s.end_line:

@@ -584,7 +584,8 @@ def test_markers_come_from_mlx_lm_tool_parser(micro: Path) -> None:
     ({"path": "pkg/a.py", "start_line": 4, "end_line": 6}, True),  # a blank line more
     ({"path": "pkg/a.py", "start_line": 1, "end_line": 6}, True),  # within 2x + 10
     ({"path": "pkg/a.py", "start_line": 5, "end_line": 5}, False),  # misses the body
-    ({"path": "pkg/a.py", "start_line": 6}, False),  # starts inside the class
+    ({"path": "pkg/a.py", "start_line": 6}, True),  # inside the class: read_file shows the class
+    ({"path": "pkg/a.py", "start_line": 6, "end_line": 6}, False),  # one line inside it
     ({"path": "pkg/b.txt", "start_line": 1}, False),  # another file
     ({"path": "pkg/a.py", "start_line": 99}, False),  # a tool error
 ])

@@ -12,7 +12,6 @@ import codeadapt
 from codeadapt import examples, tools
 from codeadapt.agentic import SET_KINDS
 from codeadapt.extract import extract_checkout
-from codeadapt.trajectories import AHEAD, BEHIND
 
 ROOT = Path(codeadapt.__file__).parent
 
@@ -37,10 +36,7 @@ def test_every_result_replays_and_every_read_starts_at_a_grep_hit(made) -> None:
         seen = ex.messages[1]["content"]
         for name, args, result in _calls(ex):
             assert tools.execute(ROOT, name, args) == result
-            if name == "read_file" and ex.kind == "find_behaviour":  # a window around the hit
-                hit = int(re.search(rf"^{re.escape(args['path'])}:(\d+):", seen, re.M)[1])
-                assert (args["start_line"], args["end_line"]) == (max(1, hit - BEHIND), hit + AHEAD)
-            elif name == "read_file":
+            if name == "read_file":
                 reads += 1
                 assert set(args) == {"path", "start_line"}
                 assert f"{args['path']}:{args['start_line']}:" in seen  # on screen before the call
@@ -148,6 +144,9 @@ def test_behaviour_questions_name_nothing_and_the_read_shows_the_enclosing_defin
         line = int(re.search(r"line (\d+)", answer)[1])
         assert sym[(ex.path, line)].name == name and re.search(rf"^{line}: .*\b(def|class) {name}\b", rres, re.M)
         assert sym[(ex.path, line)].docstring.split()[1] in answer  # quotes what was read
+        # read from the hit's own line: the tool shows the definition that holds it, from its top
+        hit = int(gres.split(":")[1])
+        assert rargs == {"path": ex.path, "start_line": hit} and int(rres.split(":")[0]) <= line < hit
 
 
 def test_followups_are_answered_from_the_read_without_a_new_call(made) -> None:
@@ -181,7 +180,8 @@ def test_followup_reads_from_the_first_answers_grep_hit(made) -> None:
         assert (g, r) == ("grep", "read_file") and gres.startswith(f"{rargs['path']}:{rargs['start_line']}:")
         assert f"`{rargs['path']}` at line {rargs['start_line']}" in ex.messages[4]["content"]
         assert "`" not in ex.messages[5]["content"]  # the follow-up names nothing: "it"
-        assert f"```\n{rargs['start_line']}: " in ex.messages[-1]["content"]
+        first = int(rres.split(":")[0])  # the definition's first line: a decorator above the hit
+        assert first <= rargs["start_line"] and f"```\n{first}: " in ex.messages[-1]["content"]
 
 
 def test_a_refined_search_follows_a_miss_on_a_mistyped_name(made) -> None:

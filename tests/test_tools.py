@@ -143,6 +143,29 @@ def test_read_file_start_line_alone_reads_the_definition(tmp_path: Path, start, 
     assert _block(tmp_path, start) == span
 
 
+@pytest.mark.parametrize("start, span", [
+    (9, (4, 17)),  # a signature line: the definition it belongs to
+    (13, (4, 17)),  # docstring text at column 0, inside the def's string
+    (15, (4, 17)),  # a body line
+    (19, (18, 25)),  # a class attribute: the class
+    (22, (21, 22)),  # a method's body: the method, not its class
+    (25, (23, 25)),  # a decorated method's body: from its decorator
+    (27, (27, 28)),  # in no definition: the block there, as before
+])
+def test_read_file_start_line_inside_a_definition_reads_the_enclosing_one(tmp_path: Path, start, span):
+    assert _block(tmp_path, start) == span
+
+
+def test_the_enclosing_definition_is_python_only_and_within_reach(tmp_path: Path):
+    (tmp_path / "m.txt").write_text(BLOCKS)
+    assert tools.read_file(tmp_path, "m.txt", 15).splitlines()[0].startswith("15:")
+    body = "def far():\n" + "    x = 1\n" * (tools.MAX_READ_LINES + 60)
+    (tmp_path / "far.py").write_text(body)
+    # the def is too far above for a read from it to show line 250: the line's own block
+    assert tools.read_file(tmp_path, "far.py", 150).splitlines()[0] == "1: def far():"
+    assert tools.read_file(tmp_path, "far.py", 250).splitlines()[0] == "250:     x = 1"
+
+
 def test_read_file_without_lines_reads_the_file_from_the_top(root: Path):
     assert tools.read_file(root, "pkg/a.py").splitlines()[0] == "1: class A:"
     assert tools.read_file(root, "pkg/a.py").splitlines()[-1] == "5:     return 1"
