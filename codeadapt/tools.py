@@ -254,12 +254,13 @@ def block_span(lines: list[str], start: int, upto: int | None = None) -> tuple[i
     """The lines (1-based, inclusive) of the statement that begins at line `start` with its
     indented body; for a `def`/`class` or a decorator, the whole definition, decorators
     included. Indentation only, no parse, so a file that does not parse still reads. With
-    `upto`, the body is followed no further than that line (a bounded containment check)."""
+    `upto` (a bounded containment check), the body is followed no further than that line and
+    decorators above are not looked for."""
     base = _indent(lines[start - 1])
     head = lines[start - 1].lstrip()
     first = n = start
     if head.startswith(DEF_HEADS) or head.startswith("@"):
-        k = start - 1  # climb over decorators (and their wrapped arguments) above
+        k = start - 1 if upto is None else 0  # climb over decorators (and their wrapped arguments) above
         while k >= 1 and lines[k - 1].strip() and (_is_decorator(lines[k - 1], base)
                                                     or _continues(lines[k - 1], base)):
             first = k if _is_decorator(lines[k - 1], base) else first
