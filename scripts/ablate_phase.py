@@ -1,6 +1,7 @@
 """Diagnosis (not a test): train one variant of a phase and score it on the run's prompts.
 
     uv run python scripts/ablate_phase.py NAME --data phase6 --init phase6 --lr 3e-4 --iters 40
+    uv run python scripts/ablate_phase.py seed1 --data phase7 --init phase6 --seed 1
 
 Trains a LoRA adapter on `data/<data>` (optionally continuing from `adapters/<init>`) with the
 pipeline's [train] options except the ones given, into `adapters/.ablations/NAME`, then runs
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--init", help="adapter to continue from (a phase name under adapters/)")
     ap.add_argument("--lr", type=float)
     ap.add_argument("--iters", type=int)
+    ap.add_argument("--seed", type=int, help="training seed (batch order, LoRA init): how much "
+                    "a score moves between trainings that differ only in it")
     ap.add_argument("--phase", default="phase7", help="whose evaluation prompts to score on")
     args = ap.parse_args()
     s = load_settings(ROOT / "pipeline.toml")
@@ -49,7 +52,8 @@ def main() -> None:
     if held is not None and not (held / "manifest.json").is_file():
         raise SystemExit(f"no dataset at {held} (the held-out repositories): `codeadapt run "
                          "phase7 --data-only` builds it")
-    update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters)) if v is not None}
+    update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters), ("seed", args.seed))
+              if v is not None}
     # the phase's own step count (phases.*.train_iters) when --data names a phase
     spec = (s.train_spec(args.data) if args.data in s.phases else s.train).model_copy(update=update)
     if (args.score is None) == (args.data is None):
