@@ -6,11 +6,10 @@ Rules, first turn: a backticked name (else the last identifier-like word) and th
 keywords pick a search — subclasses, decorator uses, importers, async functions, an HTML
 check by its keyword, else "where is X defined". A question that names no identifier (it
 describes behaviour) greps its longest pair of adjacent plain words. After a grep: a "show /
-explain" question reads the first hit from its line, a described one reads from the hit alone
-(read_file shows the definition that holds it); otherwise the answer restates the hits (with the name each `class`/`def` hit
-defines). After a read: the answer quotes the code read
-("show"), its docstring's first line ("explain"), or the definition above the hit
-(described). A follow-up with no name after a read answers from that read: the parameters in
+explain" or a described question reads the first hit from its line (read_file shows the
+definition that holds it); otherwise the answer restates the hits (with the name each
+`class`/`def` hit defines). After a read: the answer quotes the code read ("show"), its
+docstring's first line ("explain"), or the definition above the hit (described). A follow-up with no name after a read answers from that read: the parameters in
 the `def` line, or the `@` lines above it.
 """
 

@@ -195,6 +195,10 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
         return s.kind in {"function", "method"} and _public(s) and _usable_doc(s.docstring)
 
     for s in _candidates(ctx, "find_behaviour", want):
+        if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:  # the read shows it all
+            ctx.stats["dropped_span_too_long"] += 1
+            yield None
+            continue
         described = describe(s.docstring, s.name)
         if described is None:
             ctx.stats["dropped_doc_not_a_description"] += 1
@@ -213,10 +217,6 @@ def gen_find_behaviour(ctx: Ctx) -> Iterator[Example | None]:
             continue
         phrase, (gres, hits) = found
         path, line, _ = hits[0]
-        if s.end_line - s.start_line + 1 > ctx.limits.max_read_lines:
-            ctx.stats["dropped_span_too_long"] += 1
-            yield None
-            continue
         rargs = {"path": path, "start_line": line}  # alone: the definition that holds the hit
         rres = tools.execute(ctx.root, "read_file", rargs)
         if (path, (s.name, s.def_line)) != (s.path, enclosing_definition(rres, line)) \
