@@ -1,10 +1,10 @@
 """Diagnosis (not a test): how well does a model predict the final answers that quote code
 right after a tool result ("show X"), teacher-forced — the gold conversation up to the
-answer, then each answer token given the ones before it? Compares answers it trained on with held-out ones: a model that
-copies from the tool result scores alike on both; one that memorised its training answers
-does not. Only answers that follow a tool result count: a hand-written direct answer with a
-code fence has nothing to copy (stop 27: counting 5 of them made v9's held-out figure 73.3%
-instead of 96.7%).
+answer, then each answer token given the ones before it? Compares answers it trained on
+with held-out ones: a model that copies from the tool result scores alike on both; one that
+memorised its training answers does not. Only answers that follow a tool result count: a
+hand-written direct answer with a code fence has nothing to copy (stop 27: counting 5 of
+them made v9's held-out figure 73.3% instead of 96.7%).
 
     uv run python scripts/probe_answers.py --adapter phase7 --split test --n 20
     uv run python scripts/probe_answers.py --adapter none --split test   # the base alone
