@@ -197,7 +197,7 @@ def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int
     """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path).
     With batching, each task's KV cache is kept from one turn to the next (up to
     SESSION_TOKENS in all), so a turn prefills only the new call and tool result."""
-    from codeadapt.evaluate import Carried, generate_outputs
+    from codeadapt.models.generate import Carried, generate_outputs
 
     sessions: dict[str, Carried] = {}
 
@@ -303,7 +303,7 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     if payload["model_dir"] == "rules":
         gen, load_s = rules_generator(), 0.0
     else:
-        from codeadapt.evaluate import load_for_generation
+        from codeadapt.models.generate import load_for_generation
 
         model, tokenizer, load_s, adapter_s = load_for_generation(
             payload["model_dir"], payload.get("adapter_dir"), ev.fast_kernels)

@@ -13,6 +13,7 @@ import pytest
 
 from codeadapt import base, chat, prompts
 from codeadapt import evaluate as ev
+from codeadapt.models import generate as gm
 
 CALL = '<tool_call>\n{"name": "grep", "arguments": {"pattern": "^class Foo\\\\b", "glob": "*.py"}}\n</tool_call>'
 MICRO = base.TinyBaseArgs(vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -385,17 +386,17 @@ def test_prefix_cache_and_batching_give_the_same_greedy_outputs(micro: Path, rep
 
     model, tokenizer = mlx_lm.load(str(micro))
     ps = _varied_prompts(repo)
-    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
+    ids = [gm.prompt_ids(tokenizer, p) for p in ps]
     assert ids[2][:len(ids[1])] == ids[1] and ids[0] == ids[-1]  # what the cache must handle
-    plain = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=1,
+    plain = gm.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=1,
                                 prefix_cache=False)
     assert plain.reused_tokens == 0 and plain.prompt_tokens == sum(map(len, ids))
     for bs in (1, 3):
-        g = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=bs)
+        g = gm.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=bs)
         assert g.texts == plain.texts and g.generated_tokens == plain.generated_tokens, bs
         assert g.finish_reasons == plain.finish_reasons
         assert 0 < g.reused_tokens < g.prompt_tokens and g.seconds > 0
-    unbatched = ev.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=3,
+    unbatched = gm.generate_outputs(model, tokenizer, ps, max_tokens=12, batch_size=3,
                                     prefix_cache=False)
     assert unbatched.texts == plain.texts
     assert all(0 <= n <= 12 for n in plain.generated_tokens)
@@ -415,23 +416,36 @@ def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micr
 
     model, tokenizer = mlx_lm.load(str(micro))
     ps = _varied_prompts(repo)
-    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
-    plain, none = ev._sequential(model, tokenizer, ids, 12, reuse=False)
+    ids = [gm.prompt_ids(tokenizer, p) for p in ps]
+    plain, none = gm._sequential(model, tokenizer, ids, 12, reuse=False)
     assert none == 0 and len(plain) == len(ids) and any(plain)
     order = sorted(ids)
-    want = sum(min(ev.common_prefix(a[:-1], b), len(b) - 1) for a, b in zip([[]] + order, order))
+    want = sum(min(gm.common_prefix(a[:-1], b), len(b) - 1) for a, b in zip([[]] + order, order))
     for bs in (2, 3, len(ids) + 5):
-        outs, reused = ev._batched(model, tokenizer, ids, 12, bs, reuse=True)
+        outs, reused = gm._batched(model, tokenizer, ids, 12, bs, reuse=True)
         assert outs == plain, bs
         assert reused == want, bs
-    outs, reused = ev._batched(model, tokenizer, ids, 12, 3, reuse=False)
+    outs, reused = gm._batched(model, tokenizer, ids, 12, 3, reuse=False)
     assert outs == plain and reused == 0
     # A token budget that admits one prompt at a time, and one that pairs only short prompts.
     pair = 2 * (sorted(map(len, ids))[1] + 12)
     for budget in (1, pair):
-        outs, _ = ev._batched(model, tokenizer, ids, 12, 3, reuse=True, batch_tokens=budget)
+        outs, _ = gm._batched(model, tokenizer, ids, 12, 3, reuse=True, batch_tokens=budget)
         assert outs == plain, budget
-    assert ev.kv_budget(model) > 0
+    assert gm.kv_budget(model) > 0
+
+
+def test_a_free_row_goes_to_the_prompt_that_pads_the_batch_least() -> None:
+    """Asserts: the padding a joining prompt adds is its own shortfall to the longest running
+    row, or every running row's growth when it is longer, and nothing into an empty batch; so
+    among a 1,000-token prompt and a 260-token one, rows of 300 and 250 tokens take the short
+    one (40 positions a step, not 2 x 700)."""
+    assert gm.padding_added(1000, []) == 0
+    assert gm.padding_added(260, [300, 250]) == 40
+    assert gm.padding_added(1000, [300, 250]) == 1400
+    assert gm.padding_added(300, [300, 250]) == 0
+    pool = [1000, 260]
+    assert min(pool, key=lambda n: gm.padding_added(n, [300, 250])) == 260
 
 
 def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
@@ -447,7 +461,7 @@ def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
     first = [replace(_prompt(repo), id=f"t{i}", messages=(chat.system("pkg"), chat.user(q)))
              for i, q in enumerate(["Where is Foo?", "Show me Bar.", "What is baz?"])]
     sessions: dict = {}
-    g1 = ev.generate_outputs(model, tokenizer, first, max_tokens=6, batch_size=2,
+    g1 = gm.generate_outputs(model, tokenizer, first, max_tokens=6, batch_size=2,
                              sessions=sessions)
     assert sorted(sessions) == ["t0", "t1", "t2"]
     for pid, (toks, cache) in sessions.items():
@@ -456,13 +470,13 @@ def test_sessions_continue_each_conversation_from_its_previous_turn(micro: Path,
         chat.tool_call("c1", "grep", {"pattern": "Foo"}),
         chat.tool_result("c1", "grep", f"pkg/a.py:{i}:class Foo:  # {g1.texts[i]!r}")))
         for i, p in enumerate(first)]
-    plain = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=1,
+    plain = gm.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=1,
                                 prefix_cache=False)
-    without = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2)
-    carried = ev.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2,
+    without = gm.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2)
+    carried = gm.generate_outputs(model, tokenizer, second, max_tokens=6, batch_size=2,
                                   sessions=sessions)
     assert carried.texts == plain.texts == without.texts
-    firsts = [len(ev.prompt_ids(tokenizer, p)) for p in first]
+    firsts = [len(gm.prompt_ids(tokenizer, p)) for p in first]
     assert carried.reused_tokens >= sum(firsts) - len(firsts) > without.reused_tokens
 
 
@@ -481,12 +495,12 @@ def test_kept_sessions_hold_only_their_own_rows(micro: Path, repo: Path) -> None
                for i, q in enumerate(["Where is Foo?", "Show me Bar.", "What is baz?",
                                       "Which classes subclass Foo?", "Who imports pkg.a?"])]
     # once to warm what any generation keeps (kernel caches), then measured
-    ev.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions={})
+    gm.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions={})
     gc.collect()
     mx.clear_cache()  # a recycled buffer bigger than asked for would count at its own size
     before = mx.get_active_memory()
     sessions: dict = {}
-    ev.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions=sessions)
+    gm.generate_outputs(model, tokenizer, prompts, max_tokens=6, batch_size=4, sessions=sessions)
     gc.collect()
     rows = sum(c.nbytes for _, cache in sessions.values() for c in cache)
     assert len(sessions) == len(prompts) and rows > 0
@@ -499,12 +513,12 @@ def test_prefix_cache_reuses_every_shared_prefix_once(micro: Path, repo: Path) -
 
     model, tokenizer = mlx_lm.load(str(micro))
     ps = _varied_prompts(repo)
-    ids = [ev.prompt_ids(tokenizer, p) for p in ps]
-    g = ev.generate_outputs(model, tokenizer, ps, max_tokens=2, batch_size=1)
+    ids = [gm.prompt_ids(tokenizer, p) for p in ps]
+    g = gm.generate_outputs(model, tokenizer, ps, max_tokens=2, batch_size=1)
     # Sorted order walks the token trie: each prompt reuses its prefix shared with the previous
     # one (one token short for a duplicate, which must feed at least one token).
     order = sorted(ids)
-    want = sum(min(ev.common_prefix(a, b), len(b) - 1) for a, b in zip([[]] + order, order))
+    want = sum(min(gm.common_prefix(a, b), len(b) - 1) for a, b in zip([[]] + order, order))
     assert g.reused_tokens == want > sum(map(len, ids)) // 2
 
 
@@ -531,7 +545,7 @@ def test_evaluate_model_uses_the_templates_parser(micro: Path, repo: Path) -> No
         assert tokenizer.has_tool_calling and prefix_cache
         texts = [CALL if p.expects_call else "It is in pkg/a.py." for p in prompts]
         n = len(prompts)
-        return ev.Generations(texts, ["stop"] * n, [10] * n, 100, 0.5)
+        return gm.Generations(texts, ["stop"] * n, [10] * n, 100, 0.5)
 
     result = ev.evaluate_model(micro, None, _prompts(repo, 4), ev.EvalSpec(), generate=perfect)
     # All four turns come from one conversation (one cluster): the interval is that of one
