@@ -153,7 +153,7 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     prompt that pads the batch least (`padding_added`): rows are left-padded to the longest,
     and a decode step reads every row's cache to that length, so mixing a 1,000-token tool
     result with 250-token questions made half of the cache each step read padding (54% on
-    the default run's prompts, 32% with the pool). Long prompts wait and decode together.
+    the default run's prompts, 33% with the pool). Long prompts wait and decode together.
 
     `carry[j]`, when given, is a cache from an earlier call that prompt j extends (an agentic
     task's previous turn): the prompt starts from it when it shares more than the running
