@@ -14,13 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from codeadapt.config import EvalSpec
-from codeadapt.models.generate import (  # noqa: F401
-    Carried,
-    Generations,
-    generate_outputs,
-    load_for_generation,
-    prompt_ids,
-)
+from codeadapt.models.generate import Generations, generate_outputs, load_for_generation
 
 # Re-exported: the evaluation API is one import.
 from codeadapt.prompts import (  # noqa: F401
