@@ -15,6 +15,7 @@ from typing import Any
 
 from codeadapt import chat
 from codeadapt.config import check_name
+from codeadapt.tools import NO_MATCHES
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class Prompt:
     root: str  # checkout the tools run in
     held_out: bool = False  # its source was held out of training
     cluster: str = ""  # the source file it is about: turns of one file are not independent
+    # A grep the conversation makes while it expects "No matches." (a search it then refines):
+    # the arguments of its next grep that finds something. A call finding those lines at once
+    # is a better step than repeating the failing one (codeadapt.scoring.finds_target).
+    refined_to: dict[str, Any] | None = None
 
     @property
     def group(self) -> str:
@@ -61,8 +66,29 @@ def prompts_of(record: dict[str, Any], example_id: str, source: str, kind: str, 
             id=f"{example_id}#{i}", example_id=example_id, turn=i, messages=tuple(messages[:i]),
             tools=tuple(tool_list), expected_name=fn["name"] if fn else None,
             expected_arguments=fn["arguments"] if fn else None, expected_text=m.get("content") or "",
-            source=source, kind=kind, root=root, held_out=held_out, cluster=cluster))
+            source=source, kind=kind, root=root, held_out=held_out, cluster=cluster,
+            refined_to=refined_grep(messages, i)))
     return out
+
+
+def _grep_of(message: dict[str, Any]) -> dict[str, Any] | None:
+    calls = (message.get("tool_calls") or []) if message.get("role") == "assistant" else []
+    fn = calls[0]["function"] if len(calls) == 1 else None
+    return fn["arguments"] if fn is not None and fn["name"] == "grep" else None
+
+
+def refined_grep(messages: Sequence[dict[str, Any]], i: int) -> dict[str, Any] | None:
+    """When message `i` is a grep whose result (message i + 1) is "No matches.", the arguments
+    of the conversation's next grep that finds something; else None."""
+    if _grep_of(messages[i]) is None or i + 1 >= len(messages):
+        return None
+    if (messages[i + 1].get("content") or "").strip() != NO_MATCHES:
+        return None
+    for j in range(i + 2, len(messages) - 1):
+        args = _grep_of(messages[j])
+        if args is not None and (messages[j + 1].get("content") or "").strip() != NO_MATCHES:
+            return args
+    return None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

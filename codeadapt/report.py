@@ -203,7 +203,9 @@ def _chart(table: Sequence[dict[str, Any]], path: str) -> None:
 METRICS_NOTE = (
     "**Tool-call accuracy** (the headline) counts only turns that expect a tool call: the "
     "output is a well-formed call to the right tool with matching arguments (grep: a pattern "
-    "that finds the same lines on the checkout also matches; read_file: a range of the same "
+    "that finds the same lines on the checkout also matches, and where the expected search "
+    "finds nothing and the conversation then refines it, a search that already finds every "
+    "line the refined one finds, with at most 2x + 10 lines; read_file: a range of the same "
     "file that shows every expected line and at most 2x + 10 lines) and nothing after it. "
     "**Overall** scores every turn by its own criterion: tool-call turns as above, answer "
     "turns by `answer`. `answer` counts turns that expect a direct or final answer: no "

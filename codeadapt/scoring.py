@@ -51,7 +51,7 @@ TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 # Text a model must never write itself: a tool's reply or the start of another turn.
 FABRICATED = ("<tool_response>", "</tool_response>", "<|im_start|>")
-NO_MATCHES = "No matches."
+NO_MATCHES = tools.NO_MATCHES
 ADAPTER_FILE = "adapters.safetensors"
 # Per-prompt checks (see the module docstring for what each one counts); "tool_call" is the
 # headline accuracy, "correct" the overall one.
@@ -308,6 +308,19 @@ def covers(got: str, want: str, got_path: Any, want_path: Any) -> bool:
     return g[0] <= w[0] and g[1] >= w[1] and g[1] - g[0] + 1 <= factor * size + extra
 
 
+def finds_target(got: str, target: str) -> bool:
+    """A search the expected step would still have to refine is right when it already finds
+    every line the refined search finds, and not more than `READ_SLACK` allows of other lines
+    (grepping a common word is not finding the definition)."""
+    if got.startswith("error:") or target.startswith("error:") or NO_MATCHES in (got, target):
+        return False
+    hits, want = got.splitlines(), target.splitlines()
+    if any(line.startswith("... ") for line in hits + want):  # truncated: the lines are unknown
+        return False
+    factor, extra = READ_SLACK
+    return set(want) <= set(hits) and len(hits) <= factor * len(want) + extra
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     correct: bool  # tool_call or answer, whichever the turn expects
@@ -344,6 +357,8 @@ def score(prompt: Prompt, parsed: Parsed, root: str | Path | None = None) -> Sco
             # Two patterns that find the same lines are the same search.
             want = run_call(root, "grep", prompt.expected_arguments)
             args_ok = output == want and not want.startswith("error:") and want != NO_MATCHES
+            if not args_ok and prompt.refined_to is not None:
+                args_ok = finds_target(output, run_call(root, "grep", prompt.refined_to))
         elif (name_ok and not args_ok and prompt.expected_name == "read_file" and output is not None
               and isinstance(parsed.arguments, dict)):
             args_ok = covers(output, run_call(root, "read_file", prompt.expected_arguments),

@@ -25,6 +25,7 @@ MAX_LINE_CHARS = 200
 MAX_READ_LINES = 200
 MAX_FILE_BYTES = 1_000_000
 GREP_TIMEOUT_S = 5.0
+NO_MATCHES = "No matches."  # grep's whole result when nothing matches
 
 # Short descriptions on purpose: the schemas are in every prompt, and on a small model every
 # prompt token costs training and evaluation time.
@@ -226,7 +227,7 @@ def _grep(root_p: Path, pattern: str, path: str, glob: str | None) -> str:
     except TimeoutError:
         raise ToolError(f"pattern {pattern!r} took longer than {GREP_TIMEOUT_S:g} s") from None
     if not hits:
-        return "No matches."
+        return NO_MATCHES
     if total > len(hits):
         hits.append(f"... {total - len(hits)} more matches not shown")
     return "\n".join(hits)

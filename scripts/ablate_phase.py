@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help="training seed (batch order, LoRA init): how much "
                     "a score moves between trainings that differ only in it")
     ap.add_argument("--phase", default="phase7", help="whose evaluation prompts to score on")
+    ap.add_argument("--no-eval", action="store_true", help="train only (a step of a chain whose "
+                    "last adapter is the one to score)")
     args = ap.parse_args()
     s = load_settings(ROOT / "pipeline.toml")
     data, adapters = s.resolve(s.paths.data), s.resolve(s.paths.adapters)
@@ -69,6 +71,8 @@ def main() -> None:
                             adapters / args.init if args.init else None)
         print(f"{args.name}: trained {time.time() - tic:.0f} s, {m.get('tokens_per_sec')} "
               f"tokens/s, final valid loss {m.get('final_valid_loss')}", flush=True)
+        if args.no_eval:
+            return
     payload = {"model_dir": str(bases[-1]), "adapter_dir": str(out), "data_dir": str(data / args.phase),
                "repos_dir": str(s.resolve(s.paths.repos)), "spec": s.eval.model_dump(),
                "fixed_set": str(s.resolve(s.eval.fixed_set)) if s.eval.fixed_set else None,

@@ -152,6 +152,35 @@ def test_two_searches_that_find_nothing_do_not_match(repo: Path) -> None:
     assert s.tool_output == "No matches." and s.arguments is False
 
 
+def _refine_conversation() -> dict[str, Any]:
+    """A search that finds nothing, refined to one that finds `Bar`'s definition."""
+    return {"tools": list(chat.tool_schemas()), "messages": [
+        chat.system("pkg"), chat.user("Which class derives from Foo? (I think it is called Barr)"),
+        chat.tool_call("call_1", "grep", {"pattern": "^class Barr\\b", "glob": "*.py"}),
+        chat.tool_result("call_1", "grep", "No matches."),
+        chat.tool_call("call_2", "grep", {"pattern": "^class Ba\\w*", "glob": "*.py"}),
+        chat.tool_result("call_2", "grep", "pkg/a.py:5:class Bar(Foo):"),
+        chat.assistant("`Bar` in pkg/a.py, line 5.")]}
+
+
+def test_a_search_that_finds_what_the_refined_one_finds_is_a_right_step(repo: Path) -> None:
+    first, second, _ = prompts.prompts_of(_refine_conversation(), "r", "pkg", "grep_refine", str(repo))
+    assert first.refined_to == {"pattern": "^class Ba\\w*", "glob": "*.py"}
+    assert second.refined_to is None  # it finds something: nothing to refine
+
+    def right(arguments: dict[str, Any]) -> bool:
+        return ev.score(first, ev.parse_output(_call("grep", arguments)), repo).arguments
+
+    assert right({"pattern": "^class Barr\\b", "glob": "*.py"})  # the expected step itself
+    assert right({"pattern": "Bar\\(", "glob": "*.py"})  # straight to the line it looks for
+    assert not right({"pattern": "^class Bazz\\b", "glob": "*.py"})  # another search for nothing
+    assert not right({"pattern": "class Foo", "glob": "*.py"})  # finds lines, not that one
+    assert not right({"pattern": "Bar\\(", "path": "pkg/b.txt"})  # error: not there
+    many = "\n".join(f"x = {i}" for i in range(30))
+    (repo / "pkg" / "c.py").write_text(f"{many}\nclass Bar2(Foo):\n    pass\n")
+    assert not right({"pattern": "^(x =|class Bar)", "glob": "*.py"})  # the line among 30 others
+
+
 def test_wrong_tool(repo: Path) -> None:
     s = ev.score(_prompt(repo), ev.parse_output(_call("read_file", {"path": "pkg/a.py"})), repo)
     assert s.format and s.decision and s.name is False and not s.correct
