@@ -135,6 +135,10 @@ class TrainSpec(Strict):
     max_seq_length: int = Field(
         2048, ge=64, le=1_048_576, description="longer records are dropped and counted")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds LoRA init, dropout and batch order")
+    mix_exponent: float = Field(
+        1.0, ge=0, le=1, description="draw each record with probability ∝ n^(e-1), n the "
+        "records sharing its first step (codeadapt.mixing): 1 = the data as built, 0 = every "
+        "first step equally often")
     steps_per_report: int = Field(10, ge=1, description="steps between train-loss reports")
     steps_per_eval: int = Field(100, ge=1, description="steps between validation runs")
     val_batches: int = Field(25, ge=-1, description="validation batches; -1 all, 0 none")

@@ -25,6 +25,7 @@ import numpy as np
 
 from codeadapt.config import TrainSpec
 from codeadapt.fsutil import read_json, replace_dir, write_json
+from codeadapt.mixing import first_step, mix_shares, mix_weights
 
 TRAIN_VERSION = "1"  # bump when checkpoints or outputs for the same inputs change
 PAD_TO = 32  # batch widths are 1 + a multiple of this, like mlx-lm, so compiled shapes repeat
@@ -41,6 +42,7 @@ class Encoded:
 
     tokens: np.ndarray
     mask: np.ndarray
+    group: str = ""  # its first step (codeadapt.mixing.first_step): what the mix balances
 
 
 def encode_record(tokenizer: Any, record: dict[str, Any], where: str) -> Encoded:
@@ -69,7 +71,7 @@ def encode_record(tokenizer: Any, record: dict[str, Any], where: str) -> Encoded
         mask[len(prompt) : len(turn)] = True
     if not mask.any():
         raise ValueError(f"{where}: no assistant turn to train")
-    return Encoded(np.asarray(full, dtype=np.int32), mask)
+    return Encoded(np.asarray(full, dtype=np.int32), mask, first_step(messages))
 
 
 def load_split(path: Path, tokenizer: Any, max_seq_length: int) -> tuple[list[Encoded], Counter[str]]:
@@ -95,10 +97,14 @@ def load_split(path: Path, tokenizer: Any, max_seq_length: int) -> tuple[list[En
     return out, stats
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's batches: shuffle, sort windows by length, shuffle the batches; a pure function."""
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  weights: np.ndarray | None = None) -> list[list[int]]:
+    """One epoch's batches: shuffle (or, with `weights`, draw as many records with those
+    probabilities, codeadapt.mixing), sort windows by length, shuffle the batches; a pure
+    function."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
+    order = (rng.permutation(len(lengths)) if weights is None
+             else rng.choice(len(lengths), size=len(lengths), p=weights))
     order = order[: len(order) - len(order) % batch_size]  # the dropped tail changes every epoch
     window = batch_size * BUCKET_BATCHES
     batches = []
@@ -205,6 +211,15 @@ def lr_schedule(spec: TrainSpec) -> Any:
     return optim.join_schedules([warm, after], [spec.warmup_steps])
 
 
+def spec_key(spec: TrainSpec) -> dict[str, Any]:
+    """The options a training records and is matched on: an option at the value that trains
+    as before it existed is left out, so adding it does not retrain finished adapters."""
+    key = spec.model_dump()
+    if key["mix_exponent"] == 1.0:
+        del key["mix_exponent"]
+    return key
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -232,6 +247,7 @@ class _Run:
         self.train_set, self.valid_set, self.progress, self.state = train_set, valid_set, progress, state
         self.start = state["step"]
         self.lengths = [len(e.tokens) for e in train_set]
+        self.weights = mix_weights([e.group for e in train_set], spec.mix_exponent)
         self.reports: list[tuple[int, float]] = []
         self.window = [0, 0.0]  # input tokens, seconds since the last report
         self.mark = 0.0
@@ -246,7 +262,7 @@ class _Run:
     def _epoch(self, epoch: int) -> list[list[int]]:
         if epoch not in self.epochs:
             self.epochs = {epoch: epoch_batches(self.lengths, self.spec.batch_size,
-                                                self.spec.seed, epoch)}
+                                                self.spec.seed, epoch, self.weights)}
         return self.epochs[epoch]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +484,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         log.warning("%s not found; training without validation", split_files["valid"])
         del split_files["valid"]
     fingerprint = {
-        "train_version": TRAIN_VERSION, "spec": spec.model_dump(),
+        "train_version": TRAIN_VERSION, "spec": spec_key(spec),
         "base_weights_sha256": weights_sha256(base_dir),
         "data_sha256": {f"{s}.jsonl": file_sha256(p) for s, p in split_files.items()},
         "init_adapter_sha256": init_sha256(init_adapter),
@@ -521,7 +537,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     secs = state["train_seconds"]
     metrics = {
-        "train_version": TRAIN_VERSION, "mode": spec.mode, "spec": spec.model_dump(),
+        "train_version": TRAIN_VERSION, "mode": spec.mode, "spec": spec_key(spec),
         "iters": spec.iters, "base_dir": str(base_dir),
         "base_weights_sha256": fingerprint["base_weights_sha256"], "data_dir": str(data_dir),
         "data_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
@@ -537,6 +553,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "train_seconds": round(secs, 3), "resumed_from": state["resumed_from"],
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         "examples": {s: dict(c) for s, c in stats.items()},
+        "mix": mix_shares([e.group for e in sets["train"]], run.weights),
         "frozen_cache": None if run.frozen is None else {
             "blocks": run.frozen.n_frozen, "hits": run.frozen.hits, "misses": run.frozen.misses,
             "mib": round(run.frozen.nbytes() / 2**20, 1)},
@@ -603,7 +620,7 @@ def is_current(out_dir: str | Path, base_dir: str | Path, data_dir: str | Path, 
         return False
     files = {s: Path(data_dir) / f"{s}.jsonl" for s in ("train", "valid")}
     data = {f"{s}.jsonl": file_sha256(p) for s, p in files.items() if p.is_file()}
-    return (m.get("train_version") == TRAIN_VERSION and m.get("spec") == spec.model_dump()
+    return (m.get("train_version") == TRAIN_VERSION and m.get("spec") == spec_key(spec)
             and m.get("base_weights_sha256") == weights_sha256(Path(base_dir).resolve())
             and m.get("data_sha256") == data
             and m.get("init_adapter_sha256") == init_sha256(init_adapter))

@@ -23,6 +23,7 @@ import pytest
 from conftest import MICRO_BASE
 
 from codeadapt import base, chat, worker
+from codeadapt.mixing import first_step, mix_shares, mix_weights
 from codeadapt.models import fastpath
 from codeadapt.train import (
     DROPPED_TOO_LONG,
@@ -161,6 +162,37 @@ def test_batch_order_is_a_function_of_seed_and_epoch() -> None:
     assert first != epoch_batches(lengths, 2, seed=4, epoch=0)
     flat = [j for b in first for j in b]
     assert len(first) == 5 and all(len(b) == 2 for b in first) and len(set(flat)) == 10
+
+
+def _first(call: dict[str, Any] | None) -> list[dict[str, Any]]:
+    turn = chat.tool_call("c1", call["name"], call["arguments"]) if call else chat.assistant("Yes.")
+    return [chat.system("pkg"), chat.user("q"), turn]
+
+
+def test_first_step_masks_names_and_keeps_the_search_shape() -> None:
+    def grep(pattern: str) -> str:
+        return first_step(_first({"name": "grep", "arguments": {"pattern": pattern, "glob": "*.py"}}))
+
+    assert grep(r"^\s*(class|def|async def) Foo\b") == grep(r"^\s*(class|def|async def) bar_2\b")
+    assert grep(r"^\s*class \w+\(.*\bFoo\b") == "grep " + r"^\s*X \w+\(.*\bX\b"
+    assert grep(r"^\s*class \w+\(.*\bFoo\b") != grep(r"^\s*(class|def|async def) Foo\b")
+    assert first_step(_first({"name": "read_file", "arguments": {"path": "a.py"}})) == "read_file"
+    assert first_step(_first(None)) == "answer"
+
+
+def test_mix_weights_move_draws_toward_rare_first_steps() -> None:
+    groups = ["common"] * 90 + ["rare"] * 10
+    assert mix_weights(groups, 1.0) is None  # the data as built
+    for exponent, rare_share in ((0.0, 0.5), (0.5, 0.25)):  # sqrt: 10^.5 / (90^.5 + 10^.5)
+        w = mix_weights(groups, exponent)
+        assert w.sum() == pytest.approx(1.0)
+        assert w[90:].sum() == pytest.approx(rare_share)
+        assert mix_shares(groups, w)["rare"] == pytest.approx(rare_share, abs=1e-4)
+    drawn = [j for e in range(20) for b in epoch_batches([5] * 100, 4, 0, e, mix_weights(groups, 0.0))
+             for j in b]
+    assert len(drawn) == 2000 and 0.45 < sum(j >= 90 for j in drawn) / len(drawn) < 0.55
+    assert epoch_batches([5] * 100, 4, 0, 3, mix_weights(groups, 0.0)) == epoch_batches(
+        [5] * 100, 4, 0, 3, mix_weights(groups, 0.0))
 
 
 def test_spec_validation() -> None:
