@@ -22,7 +22,7 @@ from codeadapt import chat, tools, wordings
 from codeadapt.dataset import SplitGroups, split_of
 from codeadapt.records import Example, Extraction, Symbol
 
-GENERATOR_VERSION = "11"  # v11: behaviour reads from the hit alone (read_file shows the enclosing def)
+GENERATOR_VERSION = "12"  # v12: a set answer only where the grep finds exactly what the parse does
 GREP_KINDS = ("grep_class", "grep_function", "grep_subclasses", "grep_decorator",
               "grep_importers", "grep_async", "grep_refine")
 READ_KINDS = ("read_class", "read_function", "read_method", "followup_read", "followup_params",
@@ -107,13 +107,22 @@ def _loc_list(hits: list[tuple[str, int, str]]) -> str:
 
 def _grep_example(ctx: Ctx, kind: str, name: str, args: dict, expect: set[tuple[str, int]],
                   answer: Callable[[list[tuple[str, int, str]]], str],
-                  prov: tuple[str, int, int]) -> Example | None:
+                  prov: tuple[str, int, int],
+                  only: set[tuple[str, int]] | None = None) -> Example | None:
+    """A grep and the answer it supports. `expect`: lines the parse says the search must find;
+    `only`: for a set answer ("which classes subclass X"), the only lines it may find, so
+    the list the answer writes is true (a docstring's `class Foo(X):` or `from x import y`,
+    or `class A(B[X])`, matches the search but is not a subclass or an import)."""
     got = _grep(ctx, args)
     if got is None:
         return None
     result, hits = got
-    if not expect <= {(p, n) for p, n, _ in hits}:
+    found = {(p, n) for p, n, _ in hits}
+    if not expect <= found:
         ctx.stats["dropped_grep_disagrees_with_parse"] += 1
+        return None
+    if only is not None and not found <= only:
+        ctx.stats["dropped_grep_finds_more_than_parse"] += 1
         return None
     msgs = [chat.user(ctx.question(kind, name, prov[0], prov[1])), chat.tool_call("call_1", "grep", args),
             chat.tool_result("call_1", "grep", result), chat.assistant(answer(hits))]
@@ -190,17 +199,19 @@ def gen_grep_subclasses(ctx: Ctx) -> Iterator[Example | None]:
 
         args = {"pattern": rf"^\s*class \w+\(.*\b{name}\b", "glob": "*.py"}
         yield _grep_example(ctx, "grep_subclasses", name, args, subs[name], answer,
-                            (base.path, base.start_line, base.end_line))
+                            (base.path, base.start_line, base.end_line), only=subs[name])
 
 
 def gen_grep_decorator(ctx: Ctx) -> Iterator[Example | None]:
     uses: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    lines: dict[str, set[tuple[str, int]]] = defaultdict(set)  # where its `@` lines can be
     first: dict[str, Symbol] = {}
     for s in ctx.extraction.symbols():
         for d in s.decorators:
             name = d.split("(")[0].strip()
             if re.fullmatch(r"[A-Za-z_][\w.]*", name):
                 uses[name].add((s.path, s.start_line))
+                lines[name].update((s.path, n) for n in range(s.start_line, s.def_line))
                 first.setdefault(name, s)
     names = [n for n, u in sorted(uses.items()) if 2 <= len(u) <= ctx.limits.max_grep_hits]
     for name in _shuffled(ctx, "grep_decorator", names):
@@ -212,14 +223,20 @@ def gen_grep_decorator(ctx: Ctx) -> Iterator[Example | None]:
         args = {"pattern": rf"^\s*@{re.escape(name)}\b", "glob": "*.py"}
         s = first[name]
         yield _grep_example(ctx, "grep_decorator", name, args, set(), answer,
-                            (s.path, s.start_line, s.end_line))
+                            (s.path, s.start_line, s.end_line), only=lines[name])
 
 
 def gen_grep_importers(ctx: Ctx) -> Iterator[Example | None]:
     by_mod: dict[str, set[str]] = defaultdict(set)
+    own: dict[str, set[tuple[str, int]]] = defaultdict(set)  # its import lines: all must be found
+    stmts: dict[str, set[tuple[str, int]]] = defaultdict(set)  # of it or a submodule: nothing else
     for imp in ctx.extraction.imports():
         if imp.module and not imp.module.startswith("."):
             by_mod[imp.module].add(imp.path)
+            own[imp.module].add((imp.path, imp.line))
+            parts = imp.module.split(".")
+            for k in range(1, len(parts) + 1):
+                stmts[".".join(parts[:k])].add((imp.path, imp.line))
     mods = [m for m, files in sorted(by_mod.items()) if 2 <= len(files) <= ctx.limits.max_grep_hits]
     for mod in _shuffled(ctx, "grep_importers", mods):
 
@@ -231,7 +248,8 @@ def gen_grep_importers(ctx: Ctx) -> Iterator[Example | None]:
         esc = re.escape(mod)
         args = {"pattern": rf"^\s*(from {esc} import|import {esc}\b)", "glob": "*.py"}
         path = sorted(by_mod[mod])[0]
-        yield _grep_example(ctx, "grep_importers", mod, args, set(), answer, (path, 1, 1))
+        yield _grep_example(ctx, "grep_importers", mod, args, own[mod], answer, (path, 1, 1),
+                            only=stmts[mod])
 
 
 def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
@@ -251,7 +269,7 @@ def gen_grep_async(ctx: Ctx) -> Iterator[Example | None]:
         expect = {(s.path, s.def_line) for s in per_file[path]}
         lines = [s.start_line for s in per_file[path]] + [s.end_line for s in per_file[path]]
         yield _grep_example(ctx, "grep_async", path, args, expect, answer,
-                            (path, min(lines), max(lines)))
+                            (path, min(lines), max(lines)), only=expect)
 
 
 def _read_trajectory(ctx: Ctx, kind: str, s: Symbol) -> tuple[list[dict], str] | None:

@@ -218,3 +218,53 @@ def test_list_answers_give_the_count_after_the_items(made) -> None:
         assert bullets and len(bullets) <= len(hits)
         total = re.fullmatch(r"(\d+) [a-z ]+ in all\.", rest[-1])
         assert total and int(total[1]) == len(bullets), answer
+
+
+def _sets(tmp_path: Path, files: dict[str, str]) -> tuple[dict[str, list], dict[str, int]]:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    ext = extract_checkout(tmp_path, "proj", "0" * 40)
+    out, stats = examples.python_examples(tmp_path, ext, {"grep": 60})
+    by: dict[str, list] = {}
+    for ex in out:
+        by.setdefault(ex.kind, []).append(ex)
+    return by, stats
+
+
+SETS = {
+    "proj/base.py": "import json\nfrom typing import Generic\n\n\nclass Base:\n    pass\n\n\n"
+                    "class A(Base):\n    pass\n\n\nclass B(Base):\n    pass\n\n\n"
+                    "def deco(f):\n    return f\n\n\n@deco\ndef one():\n    return json\n\n\n"
+                    "@deco\ndef two():\n    pass\n",
+    "proj/other.py": "import json\n\n\ndef f():\n    return json.dumps(1)\n",
+}
+
+
+def test_set_answers_list_exactly_what_the_parse_finds(tmp_path) -> None:
+    """"Which classes subclass `Base`" lists A and B; "which files import `json`" both files."""
+    by, _ = _sets(tmp_path, SETS)
+    subs = [ex for ex in by["grep_subclasses"] if "`Base`" in ex.messages[1]["content"]]
+    assert len(subs) == 1 and re.findall(r"^- `(\w+)`", subs[0].messages[-1]["content"], re.M) == ["A", "B"]
+    imps = [ex for ex in by["grep_importers"] if "`json`" in ex.messages[1]["content"]]
+    assert len(imps) == 1 and "`proj/other.py`" in imps[0].messages[-1]["content"]
+    assert by["grep_decorator"]
+
+
+def test_no_set_answer_where_the_grep_finds_lines_the_parse_does_not(tmp_path) -> None:
+    """A docstring's `class Doc(Base):`, `from json import x` or `@deco`, or `class C(H[Base])`,
+    matches the search but is not a subclass, an import or a use: an answer listing every hit
+    would state something false, so the question is not asked (and counted)."""
+    doc = ('"""Example::\n\n    class Doc(Base):\n        pass\n\n    from json import loads\n\n'
+           '    @deco\n    def g(): pass\n"""\n')
+    files = dict(SETS)
+    files["proj/more.py"] = doc + "from proj.base import Base\n"
+    by, stats = _sets(tmp_path, files)
+    assert not [ex for ex in by.get("grep_subclasses", []) if "`Base`" in ex.messages[1]["content"]]
+    assert not [ex for ex in by.get("grep_importers", []) if "`json`" in ex.messages[1]["content"]]
+    assert not by.get("grep_decorator")
+    assert stats["dropped_grep_finds_more_than_parse"] >= 3
+    generic = dict(SETS)
+    generic["proj/gen.py"] = "from proj.base import Base\n\n\nclass C(Generic[Base]):\n    pass\n"
+    by, _ = _sets(tmp_path / "g", generic)
+    assert not [ex for ex in by.get("grep_subclasses", []) if "`Base`" in ex.messages[1]["content"]]
