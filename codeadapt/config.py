@@ -139,6 +139,9 @@ class TrainSpec(Strict):
         1.0, ge=0, le=1, description="draw each record with probability ∝ n^(e-1), n the "
         "records sharing its first step (codeadapt.mixing): 1 = the data as built, 0 = every "
         "first step equally often")
+    call_weight: float = Field(
+        1.0, gt=0, le=100, description="loss weight of the tokens of assistant turns that "
+        "call a tool, against 1 for answers (validation loss stays unweighted)")
     steps_per_report: int = Field(10, ge=1, description="steps between train-loss reports")
     steps_per_eval: int = Field(100, ge=1, description="steps between validation runs")
     val_batches: int = Field(25, ge=-1, description="validation batches; -1 all, 0 none")

@@ -43,6 +43,7 @@ class Encoded:
     tokens: np.ndarray
     mask: np.ndarray
     group: str = ""  # its first step (codeadapt.mixing.first_step): what the mix balances
+    calls: np.ndarray | None = None  # True on tokens of assistant turns that call a tool
 
 
 def encode_record(tokenizer: Any, record: dict[str, Any], where: str) -> Encoded:
@@ -57,6 +58,7 @@ def encode_record(tokenizer: Any, record: dict[str, Any], where: str) -> Encoded
 
     full = render(messages)
     mask = np.zeros(len(full), dtype=bool)
+    calls = np.zeros(len(full), dtype=bool)
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
@@ -69,9 +71,10 @@ def encode_record(tokenizer: Any, record: dict[str, Any], where: str) -> Encoded
                              "token prefix of the whole conversation, so assistant turn "
                              f"{i} cannot be masked")
         mask[len(prompt) : len(turn)] = True
+        calls[len(prompt) : len(turn)] = bool(m.get("tool_calls"))
     if not mask.any():
         raise ValueError(f"{where}: no assistant turn to train")
-    return Encoded(np.asarray(full, dtype=np.int32), mask, first_step(messages))
+    return Encoded(np.asarray(full, dtype=np.int32), mask, first_step(messages), calls)
 
 
 def load_split(path: Path, tokenizer: Any, max_seq_length: int) -> tuple[list[Encoded], Counter[str]]:
@@ -114,8 +117,11 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def collate(items: Sequence[Encoded], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad with id 0 (mask 0) to 1 + a multiple of PAD_TO, capped at max_seq_length."""
+def collate(items: Sequence[Encoded], max_seq_length: int,
+            call_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Pad with id 0 (mask 0) to 1 + a multiple of PAD_TO, capped at max_seq_length. The
+    mask is each token's loss weight: 1 on assistant tokens, `call_weight` on those of turns
+    that call a tool, 0 elsewhere."""
     longest = max(len(e.tokens) for e in items)
     width = min(1 + PAD_TO * -(-longest // PAD_TO), max_seq_length)
     tokens = np.zeros((len(items), width), np.int32)
@@ -123,6 +129,8 @@ def collate(items: Sequence[Encoded], max_seq_length: int) -> tuple[np.ndarray, 
     for row, e in enumerate(items):
         tokens[row, : len(e.tokens)] = e.tokens
         mask[row, : len(e.tokens)] = e.mask
+        if call_weight != 1.0 and e.calls is not None:
+            mask[row, : len(e.tokens)] *= np.where(e.calls, call_weight, 1.0)
     return tokens, mask
 
 
@@ -135,7 +143,7 @@ def loss_inputs(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
     padded = np.zeros(k, np.int32)
     padded[: len(positions)] = positions
     weights = np.zeros(k, np.float32)
-    weights[: len(positions)] = 1.0
+    weights[: len(positions)] = target_mask.reshape(-1)[positions]
     return inputs, padded, tokens[:, 1:].reshape(-1)[padded], weights
 
 
@@ -178,8 +186,7 @@ def masked_loss(model: Any, inputs: Any, positions: Any, targets: Any, weights: 
         hidden = body(inputs)
         picked = head(mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0))
     ce = nn.losses.cross_entropy(picked, targets) * weights
-    ntoks = weights.sum()
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
+    return ce.astype(mx.float32).sum() / weights.sum(), (weights > 0).sum()
 
 
 def to_batch(tokens: np.ndarray, mask: np.ndarray) -> tuple[Any, ...]:
@@ -215,8 +222,9 @@ def spec_key(spec: TrainSpec) -> dict[str, Any]:
     """The options a training records and is matched on: an option at the value that trains
     as before it existed is left out, so adding it does not retrain finished adapters."""
     key = spec.model_dump()
-    if key["mix_exponent"] == 1.0:
-        del key["mix_exponent"]
+    for option in ("mix_exponent", "call_weight"):
+        if key[option] == 1.0:
+            del key[option]
     return key
 
 
@@ -270,10 +278,10 @@ class _Run:
         epoch, pos = divmod(step - 1, len(self.train_set) // self.spec.batch_size)
         self.ids = self._epoch(epoch)[pos]
         items = [self.train_set[j] for j in self.ids]
-        tokens, mask = collate(items, self.spec.max_seq_length)
+        tokens, mask = collate(items, self.spec.max_seq_length, self.spec.call_weight)
         n_in = sum(len(e.tokens) for e in items)
         self.state["input_tokens"] += n_in
-        self.state["trained_tokens"] += int(mask[:, 1:].sum())
+        self.state["trained_tokens"] += int((mask[:, 1:] > 0).sum())
         self.window[0] += n_in
         return tokens, mask
 

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help="training seed (batch order, LoRA init): how much "
                     "a score moves between trainings that differ only in it")
     ap.add_argument("--mix", type=float, help="train.mix_exponent (codeadapt.mixing)")
+    ap.add_argument("--call-weight", type=float, help="train.call_weight")
     ap.add_argument("--phase", default="phase7", help="whose evaluation prompts to score on")
     ap.add_argument("--no-eval", action="store_true", help="train only (a step of a chain whose "
                     "last adapter is the one to score)")
@@ -56,7 +57,7 @@ def main() -> None:
         raise SystemExit(f"no dataset at {held} (the held-out repositories): `codeadapt run "
                          "phase7 --data-only` builds it")
     update = {k: v for k, v in (("learning_rate", args.lr), ("iters", args.iters), ("seed", args.seed),
-                                          ("mix_exponent", args.mix))
+                                ("mix_exponent", args.mix), ("call_weight", args.call_weight))
               if v is not None}
     # the phase's own step count (phases.*.train_iters) when --data names a phase
     spec = (s.train_spec(args.data) if args.data in s.phases else s.train).model_copy(update=update)

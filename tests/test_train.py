@@ -135,6 +135,25 @@ def test_mask_covers_exactly_the_assistant_turns(tokenizer: Any) -> None:
     assert rest.endswith("<|im_start|>assistant\n") and "# Tools" in rest and "<tool_response>" in rest
 
 
+def test_call_weight_weighs_the_loss_of_call_turns_only(tokenizer: Any) -> None:
+    """`train.call_weight`: the tokens of turns that call a tool weigh w in the loss, answer
+    tokens 1, everything else 0; at 1.0 the option is out of the spec key (no retraining)."""
+    from codeadapt.train import collate, loss_inputs, spec_key
+
+    enc = encode_record(tokenizer, _record(3), "rec")
+    tokens, mask = collate([enc], 4096, call_weight=3.0)
+    row = mask[0, : len(enc.tokens)]
+    spans = _spans(enc.mask)
+    assert len(spans) == 2 and set(row[spans[0][0]:spans[0][1]]) == {3.0}
+    assert set(row[spans[1][0]:spans[1][1]]) == {1.0} and row[~enc.mask].sum() == 0
+    _, positions, _, weights = loss_inputs(tokens, mask)
+    n = int(enc.mask.sum())
+    assert sorted(set(weights[:n].tolist())) == [1.0, 3.0] and not weights[n:].any()
+    assert (collate([enc], 4096)[1][0, : len(enc.tokens)] == enc.mask).all()
+    assert "call_weight" not in spec_key(SPEC)
+    assert spec_key(SPEC.model_copy(update={"call_weight": 3.0}))["call_weight"] == 3.0
+
+
 class _UnstableTemplate:
     """Renders the generation prompt with a token the full conversation does not have."""
 
