@@ -255,7 +255,7 @@ class _Run:
         self.train_set, self.valid_set, self.progress, self.state = train_set, valid_set, progress, state
         self.start = state["step"]
         self.lengths = [len(e.tokens) for e in train_set]
-        self.weights = mix_weights([e.group for e in train_set], spec.mix_exponent)
+        self.draws = mix_weights([e.group for e in train_set], spec.mix_exponent)
         self.reports: list[tuple[int, float]] = []
         self.window = [0, 0.0]  # input tokens, seconds since the last report
         self.mark = 0.0
@@ -270,7 +270,7 @@ class _Run:
     def _epoch(self, epoch: int) -> list[list[int]]:
         if epoch not in self.epochs:
             self.epochs = {epoch: epoch_batches(self.lengths, self.spec.batch_size,
-                                                self.spec.seed, epoch, self.weights)}
+                                                self.spec.seed, epoch, self.draws)}
         return self.epochs[epoch]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -561,7 +561,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "train_seconds": round(secs, 3), "resumed_from": state["resumed_from"],
         "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         "examples": {s: dict(c) for s, c in stats.items()},
-        "mix": mix_shares([e.group for e in sets["train"]], run.weights),
+        "mix": mix_shares([e.group for e in sets["train"]], run.draws),
         "frozen_cache": None if run.frozen is None else {
             "blocks": run.frozen.n_frozen, "hits": run.frozen.hits, "misses": run.frozen.misses,
             "mib": round(run.frozen.nbytes() / 2**20, 1)},
