@@ -3,6 +3,7 @@ by batch size and by how rows are admitted (in queue order, or least padding fir
 pool of prefilled prompts), with the same greedy outputs checked across variants.
 
     uv run python scripts/bench_batching.py [--adapter adapters/phase7|none] [--variants 8:1,8,16,32]
+                                           [--save before.json | --compare before.json]
 
 A variant is `batch[:lookahead]` (lookahead 1 = admit in queue order, the stop-28 behaviour;
 default = the batch size). Prints per variant: seconds, of which prefill and decode steps, the
@@ -69,14 +70,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", default="adapters/phase7", help="adapter dir, or none for the base")
     ap.add_argument("--variants", default="8:1,8,16,32")
+    ap.add_argument("--save", type=Path, help="write the first variant's outputs here (JSON)")
+    ap.add_argument("--compare", type=Path, help="count outputs differing from a --save file")
     args = ap.parse_args()
-    first = None
+    first = json.loads(args.compare.read_text()) if args.compare else None
     for v in args.variants.split(","):
         batch, _, ahead = v.partition(":")
         out = subprocess.run([sys.executable, "-c", CHILD, args.adapter, batch, ahead or batch],
                              cwd=ROOT, env=worker_env(), check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         same = "" if first is None else f", outputs differing from the first: {sum(a != b for a, b in zip(first, r['outputs']))}"
+        if args.save and first is None:
+            args.save.write_text(json.dumps(r["outputs"]))
         first = first or r["outputs"]
         print(f"batch {batch:>2} lookahead {ahead or batch:>2}: {r['prompts']} prompts in {r['seconds']:.1f} s "
               f"(prefill {r['prefill']:.1f}, decode steps {r['decode']:.1f}; {r['steps']} steps, "

@@ -25,23 +25,30 @@ _ORIGINAL: dict[str, tuple[Any, Any]] = {}
 
 
 def causal_attention(q: Any, k: Any, v: Any, scale: float, block: int = BLOCK) -> Any:
-    """softmax(q kᵀ · scale + causal mask) v for q (B, H, L, D), k/v (B, Hk, L, D), H % Hk == 0."""
+    """softmax(q kᵀ · scale + causal mask) v for q (B, H, L, D), k/v (B, Hk, L, D), H % Hk == 0.
+
+    The H/Hk query heads that share a key head are stacked as rows of one matmul against
+    that head's keys ((B, Hk, r·rows, D) @ (B, Hk, D, L)), not broadcast against a (B, Hk, 1,
+    L, D) view: mlx's CPU matmul copies a broadcast operand, and the stacked form measured
+    a third less time forward (4 × 512 tokens, 9/3 heads)."""
     import mlx.core as mx
 
     b, h, n, d = q.shape
     hk = k.shape[1]
-    q = (q * (scale * LOG2E)).reshape(b, hk, h // hk, n, d)
-    k, v = k[:, :, None], v[:, :, None]
+    r = h // hk
+    q = (q * (scale * LOG2E)).reshape(b, hk, r, n, d)
     outs = []
     for s in range(0, n, block):
         e = min(s + block, n)
-        scores = q[:, :, :, s:e] @ k[:, :, :, :e].swapaxes(-1, -2)  # (B, Hk, r, e-s, e)
+        w = e - s
+        rows = q[:, :, :, s:e].reshape(b, hk, r * w, d)
+        scores = (rows @ k[:, :, :e].swapaxes(-1, -2)).reshape(b, hk, r, w, e)
         allowed = mx.arange(s, e)[:, None] >= mx.arange(e)[None, :]
         scores = mx.where(allowed, scores, -mx.inf)
         scores = scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True))
         p = mx.power(2.0, scores)
         p = p / p.sum(axis=-1, keepdims=True)
-        outs.append(p @ v[:, :, :, :e])
+        outs.append((p.reshape(b, hk, r * w, e) @ v[:, :, :e]).reshape(b, hk, r, w, d))
     return mx.concatenate(outs, axis=3).reshape(b, h, n, d).astype(v.dtype)
 
 
@@ -55,8 +62,9 @@ def masked_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
 
     b, h, n, d = q.shape
     hk, m = k.shape[1], k.shape[2]
-    q = (q * (scale * LOG2E)).reshape(b, hk, h // hk, n, d)
-    scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hk, r, N, M)
+    r = h // hk
+    q = (q * (scale * LOG2E)).reshape(b, hk, r * n, d)  # grouped heads as rows (causal_attention)
+    scores = (q @ k.swapaxes(-1, -2)).reshape(b, hk, r, n, m)
     low = mx.finfo(scores.dtype).min
     if isinstance(mask, str):
         if mask != "causal":
@@ -67,10 +75,10 @@ def masked_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
     elif mask is not None:
         mask = _per_group(mask, hk)
         scores = mx.where(mask, scores, low) if mask.dtype == mx.bool_ else scores + mask * LOG2E
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    p = mx.power(2.0, scores)
-    p = p / p.sum(axis=-1, keepdims=True)
-    return (p @ v[:, :, None]).reshape(b, h, n, -1).astype(v.dtype)
+    p = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
+    # Normalise the (…, N, D) output, not the (…, N, M) weights: one pass less over the scores.
+    out = (p.reshape(b, hk, r * n, m) @ v).reshape(b, hk, r, n, -1) / p.sum(axis=-1, keepdims=True)
+    return out.reshape(b, h, n, -1).astype(v.dtype)
 
 
 def _per_group(mask: Any, hk: int) -> Any:
