@@ -29,8 +29,9 @@ def causal_attention(q: Any, k: Any, v: Any, scale: float, block: int = BLOCK) -
 
     The H/Hk query heads that share a key head are stacked as rows of one matmul against
     that head's keys ((B, Hk, r·rows, D) @ (B, Hk, D, L)), not broadcast against a (B, Hk, 1,
-    L, D) view: mlx's CPU matmul copies a broadcast operand, and the stacked form measured
-    a third less time forward (4 × 512 tokens, 9/3 heads)."""
+    L, D) view: mlx's CPU matmul copies a broadcast operand. Measured: 62.8 → 39.0 ms forward in
+    one run of a microbenchmark (4 × 512 tokens, 9/3 heads; a noisy figure here), 249 → 257
+    input tokens/s for whole LoRA steps (README)."""
     import mlx.core as mx
 
     b, h, n, d = q.shape
