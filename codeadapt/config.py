@@ -150,9 +150,13 @@ class TrainSpec(Strict):
         True, description="training only: block-causal attention and SiLU with a base-2 exp "
         "(codeadapt.models.fastpath; same math, ~1.4x faster steps on CPU)")
     cache_frozen: bool = Field(
-        True, description="LoRA: keep each example's hidden state after the frozen blocks from "
-        "its first epoch and train later epochs on the top blocks only (exact; RAM: "
-        "hidden_size x 4 bytes per token)")
+        True, description="LoRA: keep each example's hidden state after the frozen blocks "
+        "from its first use and run only the top blocks on it after that (exact up to float "
+        "rounding; RAM and disk: hidden_size x 4 bytes per token)")
+    frozen_store_gib: float = Field(
+        4.0, ge=0, le=1024, description="LoRA with cache_frozen: disk the frozen blocks' states "
+        "may keep under <paths.data>/cache/frozen so later phases reuse them (least recently "
+        "used deleted past it; 0 = memory only)")
     continue_chain: bool = Field(
         False, description="LoRA of phase N+1 starts from phase N's adapter (its iters are "
         "then the steps added on top), instead of from zero")

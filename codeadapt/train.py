@@ -27,7 +27,7 @@ from codeadapt.config import TrainSpec
 from codeadapt.fsutil import read_json, replace_dir, write_json
 from codeadapt.mixing import first_step, mix_shares, mix_weights
 
-TRAIN_VERSION = "1"  # bump when checkpoints or outputs for the same inputs change
+TRAIN_VERSION = "2"  # bump when checkpoints or outputs for the same inputs change
 PAD_TO = 32  # batch widths are 1 + a multiple of this, like mlx-lm, so compiled shapes repeat
 BUCKET_BATCHES = 16  # batches per length-sorted window: less padding, order still shuffled
 DROPPED_TOO_LONG = "dropped_too_long"
@@ -203,6 +203,15 @@ def validation_batches(dataset: Sequence[Encoded], batch_size: int, max_seq_leng
         yield to_batch(*collate(dataset[b : b + batch_size], max_seq_length))
 
 
+def frozen_validation_batches(cache: Any, dataset: Sequence[Encoded], batch_size: int,
+                              max_seq_length: int, **_: Any) -> Iterator[tuple[Any, ...]]:
+    """`validation_batches` with the inputs replaced by the frozen bottom's cached states."""
+    for b in range(0, len(dataset), batch_size):
+        items = dataset[b : b + batch_size]
+        inputs, *rest = to_batch(*collate(items, max_seq_length))
+        yield (cache.hidden([e.tokens for e in items], inputs.shape[1]), *rest)
+
+
 def lr_schedule(spec: TrainSpec) -> Any:
     """The learning rate as mlx wants it: a float, or a schedule of the optimizer's step."""
     import mlx.optimizers as optim
@@ -222,6 +231,7 @@ def spec_key(spec: TrainSpec) -> dict[str, Any]:
     """The options a training records and is matched on: an option at the value that trains
     as before it existed is left out, so adding it does not retrain finished adapters."""
     key = spec.model_dump()
+    del key["frozen_store_gib"]  # where states are kept, not what is trained
     for option in ("mix_exponent", "call_weight"):
         if key[option] == 1.0:
             del key[option]
@@ -263,6 +273,7 @@ class _Run:
         self.wall0, self.wall_before = wall0, state["wall_seconds"]
         self.ids: list[int] = []
         self.frozen: Any = None  # a codeadapt.models.frozen.FrozenBottom when spec.cache_frozen
+        self.loss_fn: Any = masked_loss
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.wall0
@@ -296,8 +307,8 @@ class _Run:
                 yield to_batch(tokens, mask)
                 continue
             inputs, *rest = to_batch(tokens, mask)
-            hidden = self.frozen.hidden(self.ids, tokens, [len(self.train_set[j].tokens) for j in self.ids])
-            yield (hidden[:, : inputs.shape[1]], *rest)
+            hidden = self.frozen.hidden([self.train_set[j].tokens for j in self.ids], inputs.shape[1])
+            yield (hidden, *rest)
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         self.reports.append((self.start + info["iteration"], float(info["train_loss"])))
@@ -332,9 +343,11 @@ class _Run:
     def validate(self) -> float:
         from mlx_lm.tuner.trainer import evaluate
 
+        batches = validation_batches
+        if self.frozen is not None:
+            batches = functools.partial(frozen_validation_batches, self.frozen)
         loss = evaluate(self.model, self.valid_set, self.spec.batch_size, self.spec.val_batches,
-                        self.spec.max_seq_length, loss=masked_loss,
-                        iterate_batches=validation_batches)
+                        self.spec.max_seq_length, loss=self.loss_fn, iterate_batches=batches)
         self.model.train()
         return float(loss)
 
@@ -459,9 +472,12 @@ def init_sha256(init_adapter: str | Path | None) -> str | None:
 
 def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                   spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None,
-                  init_adapter: str | Path | None = None) -> dict[str, Any]:
+                  init_adapter: str | Path | None = None,
+                  frozen_store: str | Path | None = None) -> dict[str, Any]:
     """Train on `data_dir` from `base_dir` (LoRA: from `init_adapter`'s weights when given),
-    publish `out_dir` with metrics.json; return metrics."""
+    publish `out_dir` with metrics.json; return metrics. `frozen_store`: a directory where the
+    frozen blocks' states outlive this training (codeadapt.models.frozen), e.g. for the next
+    phase; None keeps them in memory only."""
     base_dir, data_dir, out_dir = Path(base_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
     init_adapter = Path(init_adapter).resolve() if init_adapter is not None else None
     if init_adapter is not None and spec.mode != "lora":
@@ -528,18 +544,21 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         state["resumed_from"].append(state["step"])
         log.info("resuming %s from step %d", out_dir, state["step"])
     run = _Run(spec, model, optimizer, sets["train"], sets["valid"], work, state, progress, wall0)
-    loss_fn = masked_loss
     n_frozen = frozen.split_point(model, spec.lora_layers) if spec.mode == "lora" else None
+    store = None
     if spec.cache_frozen and n_frozen is not None and _hidden_and_head(model) is not None:
-        run.frozen = frozen.FrozenBottom(model, n_frozen)
-        loss_fn = functools.partial(masked_loss, n_frozen=n_frozen)
+        if frozen_store is not None and spec.frozen_store_gib > 0:
+            store = frozen.store_dir(frozen_store, fingerprint["base_weights_sha256"], n_frozen,
+                                     "fast" if spec.fast_kernels else "mlx")
+        run.frozen = frozen.FrozenBottom(model, n_frozen, store)
+        run.loss_fn = functools.partial(masked_loss, n_frozen=n_frozen)
     args = TrainingArgs(
         batch_size=spec.batch_size, iters=spec.iters - state["step"],
         steps_per_report=spec.steps_per_report, steps_per_eval=spec.iters + 1,
         steps_per_save=spec.iters + 1, max_seq_length=spec.max_seq_length,
         adapter_file=str(work / "last_trainable.safetensors"))
     model.train()
-    train(model, optimizer, sets["train"], None, args=args, loss=loss_fn,
+    train(model, optimizer, sets["train"], None, args=args, loss=run.loss_fn,
           iterate_batches=run.iterate_batches, training_callback=run)
     run.after_step(spec.iters)
 
@@ -564,6 +583,7 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         "mix": mix_shares([e.group for e in sets["train"]], run.draws),
         "frozen_cache": None if run.frozen is None else {
             "blocks": run.frozen.n_frozen, "hits": run.frozen.hits, "misses": run.frozen.misses,
+            "loaded": run.frozen.loaded, "store": str(store) if store else None,
             "mib": round(run.frozen.nbytes() / 2**20, 1)},
         DROPPED_TOO_LONG: sum(c[DROPPED_TOO_LONG] for c in stats.values()),
     }
@@ -578,6 +598,8 @@ def train_adapter(base_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(work)
+    if store is not None:
+        frozen.prune(store.parent, int(spec.frozen_store_gib * 2**30))
     return metrics
 
 
@@ -585,17 +607,19 @@ def train_job(payload: dict[str, Any], progress: ProgressFn | None = None) -> di
     """The worker's "train" kind: `train_adapter` with JSON arguments."""
     return train_adapter(payload["base_dir"], payload["data_dir"], payload["out_dir"],
                          TrainSpec.model_validate(payload.get("spec", {})), progress,
-                         payload.get("init_adapter"))
+                         payload.get("init_adapter"), payload.get("frozen_store"))
 
 
 def train_in_worker(base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                     spec: TrainSpec = TrainSpec(), progress: ProgressFn | None = None,
-                    init_adapter: str | Path | None = None) -> dict[str, Any]:
+                    init_adapter: str | Path | None = None,
+                    frozen_store: str | Path | None = None) -> dict[str, Any]:
     """`train_adapter` in a child process with the fast BLAS preloaded (see codeadapt.worker)."""
     from codeadapt.worker import run_in_worker
 
     payload = {"base_dir": str(base_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
-               "spec": spec.model_dump(), "init_adapter": str(init_adapter) if init_adapter else None}
+               "spec": spec.model_dump(), "init_adapter": str(init_adapter) if init_adapter else None,
+               "frozen_store": str(frozen_store) if frozen_store else None}
     return run_in_worker("train", payload, progress)
 
 

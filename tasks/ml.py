@@ -120,7 +120,10 @@ def _train(label: str, base_dir: Path, data_dir: Path, out_dir: Path, spec: Trai
 def fit(base_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec, on_progress: Any,
         init_adapter: Path | None = None) -> dict[str, Any]:
     """The training itself, run in the fast-BLAS worker; called only while holding the slot."""
-    return train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress, init_adapter)
+    # Phase datasets sit side by side under paths.data: the frozen blocks' states are shared
+    # beside them, so a phase reuses what the one it extends computed (codeadapt.models.frozen).
+    return train.train_in_worker(base_dir, data_dir, out_dir, spec, on_progress, init_adapter,
+                                 frozen_store=data_dir.parent / "cache" / "frozen")
 
 
 @task(task_run_name="pretrain_base")
