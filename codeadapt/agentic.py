@@ -193,7 +193,8 @@ def summarize_tasks(tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> dict[
 SESSION_TOKENS = 32_768  # KV kept between turns, all tasks together (fp32 SmolLM2: ~1.5 GB)
 
 
-def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int) -> Generate:
+def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int,
+                    shared: Any = None) -> Generate:
     """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path).
     With batching, each task's KV cache is kept from one turn to the next (up to
     SESSION_TOKENS in all), so a turn prefills only the new call and tool result."""
@@ -208,7 +209,7 @@ def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int
                           source="", kind="", root="") for i, c, t in zip(ids, convs, tools)]
         sessions_in = sessions if batch_size > 1 else None
         texts = generate_outputs(model, tokenizer, prompts, max_tokens, batch_size,
-                                 sessions=sessions_in).texts
+                                 sessions=sessions_in, shared=shared).texts
         total = 0
         for key in [k for k in ids if k in sessions]:  # keep what fits, in task order
             total += len(sessions[key][0])
@@ -300,6 +301,7 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     if not tasks:
         raise ValueError(f"{payload['data_dir']}: no held-out conversation ends in an answer after a call")
     over_cap = None  # tasks whose expected answer is longer than a turn may be: unpassable
+    shared = None
     if payload["model_dir"] == "rules":
         gen, load_s = rules_generator(), 0.0
     else:
@@ -308,12 +310,21 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
         model, tokenizer, load_s, adapter_s = load_for_generation(
             payload["model_dir"], payload.get("adapter_dir"), ev.fast_kernels)
         load_s += adapter_s
-        gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size)
+        from codeadapt.models import prefill
+
+        shared = prefill.for_row(model, payload["model_dir"], payload.get("adapter_dir"),
+                                 payload.get("prefill_store"), payload.get("base_top"),
+                                 ev.fast_kernels)
+        gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size, shared)
         over_cap = sum(len(tokenizer.encode(t.expected)) > spec.max_tokens for t in tasks)
     tic = time.perf_counter()
     outcomes = run_tasks(tasks, gen, spec.max_calls)
+    if shared is not None:
+        prefill.prune(payload["prefill_store"])
     return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),
             "spec": spec.model_dump(), "tasks": len(tasks), "kinds": kinds_of(tasks),
             "load_s": load_s, "run_s": time.perf_counter() - tic, "over_cap": over_cap,
+            "shared_prefill": None if shared is None else {
+                "blocks": shared.n, "chunks_loaded": shared.loaded, "chunks_computed": shared.computed},
             "summary": summarize_tasks(tasks, outcomes),
             "outcomes": outcomes_json(outcomes, payload.get("keep_transcripts", 20))}

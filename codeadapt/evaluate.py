@@ -61,9 +61,12 @@ def adapter_bytes(adapter_dir: Path | None) -> int | None:
 
 
 def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[Prompt],
-                   spec: EvalSpec, generate: Callable[..., Generations] = generate_outputs
+                   spec: EvalSpec, generate: Callable[..., Generations] = generate_outputs,
+                   prefill_store: Path | None = None, base_top: int | None = None
                    ) -> dict[str, Any]:
-    """Load, generate, parse and score every prompt; per-prompt results plus a summary."""
+    """Load, generate, parse and score every prompt; per-prompt results plus a summary.
+    `prefill_store`: where rows on the same base share their frozen blocks' prefill
+    (codeadapt.models.prefill; `base_top`: the adapters' LoRA depth, for the base row)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     if not (Path(model_dir) / "config.json").is_file():
@@ -75,9 +78,21 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
         raise FileNotFoundError(f"checkouts missing (sync the sources first): {missing}")
     model, tokenizer, load_model_s, load_adapter_s = load_for_generation(model_dir, adapter_dir,
                                                                          spec.fast_kernels)
+    kw: dict[str, Any] = {}
+    shared = None
+    if prefill_store is not None:
+        from codeadapt.models import prefill
+
+        shared = prefill.for_row(model, model_dir, adapter_dir, prefill_store, base_top,
+                                 spec.fast_kernels)
+        kw["shared"] = shared
     gen = generate(model, tokenizer, prompts, spec.max_tokens, spec.batch_size,
-                   prefix_cache=spec.prefix_cache)
+                   prefix_cache=spec.prefix_cache, **kw)
+    if shared is not None:
+        prefill.prune(prefill_store)
     return {"model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
+            "shared_prefill": None if shared is None else {
+                "blocks": shared.n, "chunks_loaded": shared.loaded, "chunks_computed": shared.computed},
             "load_s": load_model_s + load_adapter_s, "load_model_s": load_model_s,
             "load_adapter_s": load_adapter_s, "adapter_bytes": adapter_bytes(adapter_dir),
             **score_outputs(prompts, gen, spec, markers_of(tokenizer))}
@@ -165,7 +180,10 @@ def eval_job(payload: dict[str, Any], progress: Callable[[dict[str, Any]], None]
     held_out = Path(payload["held_out_dir"]) if payload.get("held_out_dir") else None
     prompts = eval_prompts(spec, Path(payload["data_dir"]), Path(payload["repos_dir"]), fixed, held_out)
     adapter = Path(payload["adapter_dir"]) if payload.get("adapter_dir") else None
-    result = evaluate_model(Path(payload["model_dir"]), adapter, prompts, spec)
+    store = payload.get("prefill_store")
+    result = evaluate_model(Path(payload["model_dir"]), adapter, prompts, spec,
+                            prefill_store=Path(store) if store else None,
+                            base_top=payload.get("base_top"))
     from codeadapt.worker import blas_in_use
 
     result["blas"] = blas_in_use()

@@ -189,10 +189,11 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
     held_dir = data / settings.eval.held_out_phase if settings.eval.held_out_phase else None
     contamination = ml.check_contamination(phase, data / phase, repos, settings.eval, fixed, held_dir)
     cache = adapters / ".evals"
+    top = settings.train_spec(phase).lora_layers if settings.train.mode == "lora" else None
 
     def score(label: str, adapter: Path | None, wait: list | None = None):
         return ml.evaluate.submit(label, base_dir, adapter, data / phase, repos, settings.eval,
-                                  fixed, cache, held_dir, wait_for=wait or [])
+                                  fixed, cache, held_dir, top, wait_for=wait or [])
 
     evals = {"base": score("base", None)}
     trained, candidates, current = {}, {}, {}
@@ -244,7 +245,7 @@ def train_and_evaluate(settings: Settings, phase: str, manifests: dict[str, dict
             adapter = adapter.with_name(adapter.name.removesuffix(".candidate"))
         agentic[row["phase"]] = ml.evaluate_agentic.submit(
             row["phase"], model, adapter, data / phase, repos, settings.eval, settings.agentic, cache,
-            held_dir)
+            held_dir, top)
     for row in rows:
         row["agentic"] = agentic[row["phase"]].result()
     sample = (f"all turns of {settings.eval.max_conversations} conversations (a stable hash sample) "

@@ -49,8 +49,8 @@ def timed_step(self):
     return r
 G.GenerationBatch._step = timed_step
 prefill = gm._prefill
-def timed_prefill(*a):
-    tic = time.perf_counter(); prefill(*a); t["prefill"] += time.perf_counter() - tic
+def timed_prefill(*a, **kw):
+    tic = time.perf_counter(); prefill(*a, **kw); t["prefill"] += time.perf_counter() - tic
 gm._prefill = timed_prefill
 ids = [gm.prompt_ids(tok, p) for p in prompts]
 tic = time.perf_counter()

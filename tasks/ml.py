@@ -167,13 +167,17 @@ def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[st
 @task(task_run_name="evaluate[{label}]")
 def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
              spec: EvalSpec, fixed_set: Path | None, cache_dir: Path,
-             held_out_dir: Path | None = None) -> dict[str, Any]:
-    """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker."""
+             held_out_dir: Path | None = None, base_top: int | None = None) -> dict[str, Any]:
+    """Score one model (+ adapter) on the held-out prompts, in the fast-BLAS worker. Rows on
+    the same base share their frozen blocks' prefill under <data>/cache/prefill
+    (codeadapt.models.prefill); `base_top`: the adapters' LoRA depth, for the base row."""
 
     payload = {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
                "data_dir": str(data_dir), "repos_dir": str(repos_dir), "spec": spec.model_dump(),
                "fixed_set": str(fixed_set) if fixed_set else None,
                "held_out_dir": str(held_out_dir) if held_out_dir else None}
+    # Not part of the key: where the shared prefill is kept changes no output.
+    shared = {"prefill_store": str(Path(data_dir).parent / "cache" / "prefill"), "base_top": base_top}
     key = eval_key(payload)
     if held_out_dir is not None and spec.held_out_conversations:
         key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
@@ -187,7 +191,7 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
                               "again (scored again with the current scorer)", label, cached)
         prompts = eval_prompts(spec, data_dir, repos_dir, fixed_set, held_out_dir)
         return redact(rescore(stored, prompts, spec))[0]
-    result = _in_slot_stored("eval", payload, cached)
+    result = _in_slot_stored("eval", {**payload, **shared}, cached)
     m, c = result["metrics"]["tool_call"], result["metrics"]["correct"]
     get_run_logger().info("%s: tool-call accuracy %.1f%% [%.1f, %.1f], overall %.1f%% on %d prompts",
                           label, 100 * m["accuracy"], 100 * m["lo"], 100 * m["hi"],
@@ -198,7 +202,8 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
 @task(task_run_name="agentic[{label}]")
 def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None, data_dir: Path,
                      repos_dir: Path, spec: EvalSpec, agentic: AgenticSpec, cache_dir: Path,
-                     held_out_dir: Path | None = None) -> dict[str, Any] | None:
+                     held_out_dir: Path | None = None, base_top: int | None = None
+                     ) -> dict[str, Any] | None:
     """Agentic task success of one model (+ adapter), or of the rules (`model_dir` "rules"),
     on the same sampled tasks; stored like `evaluate` (not repeated for the same inputs)."""
 
@@ -223,7 +228,9 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
 
         result = agentic_job(payload)
     else:
-        result = _in_slot_stored("agentic", payload, cached)
+        result = _in_slot_stored("agentic", {
+            **payload, "prefill_store": str(Path(data_dir).parent / "cache" / "prefill"),
+            "base_top": base_top}, cached)
     a = result["summary"]["all"]
     get_run_logger().info("%s: agentic task success %.1f%% [%.1f, %.1f] on %d tasks, %.2f calls/task",
                           label, 100 * a["success"], 100 * a["lo"], 100 * a["hi"], a["n"],

@@ -727,3 +727,82 @@ def test_a_numbered_quote_is_scored_by_its_code(output: str, ok: bool) -> None:
     assert ev.answer_facts(_QUOTED)[2:5] == ["def close(self) -> None:", "for cb in self._on_close:",
                                              "cb()"]
     assert ev.match_answer(output, _QUOTED, "Show me `Registry.close`.").ok is ok
+
+
+def _top_adapter(micro: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter on the top block only, with random (non-zero) weights."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(str(micro))
+    model.freeze()
+    params = {"rank": 4, "dropout": 0.0, "scale": 10.0}
+    linear_to_lora_layers(model, 1, params)
+    mx.random.seed(seed)
+    weights = {k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.trainable_parameters())}
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params}))
+    return out
+
+
+@pytest.mark.parametrize("step", [512, 7])
+def test_rows_sharing_the_frozen_prefill_give_the_outputs_they_give_alone(
+        micro: Path, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Asserts: with a shared prefill store (codeadapt.models.prefill), the base row computes and
+    stores the bottom block's chunks and returns its own outputs token for token; two adapters
+    on the top block (different weights, different outputs) then load every chunk, compute none,
+    and return exactly what they return without the store; prompts chunked otherwise (another
+    order, so other chunk boundaries) are other keys, not a near-miss of these; a truncated
+    chunk file is recomputed. step 7 splits prompts into many chunks."""
+    from codeadapt.models import prefill
+
+    monkeypatch.setattr(gm, "PREFILL_STEP", step)
+    ps = _varied_prompts(repo)
+    root = tmp_path / "prefill"
+    rows = {"base": None, "a": _top_adapter(micro, tmp_path / "a", 1),
+            "b": _top_adapter(micro, tmp_path / "b", 2)}
+    alone, shared_out, stats = {}, {}, {}
+    for name, adapter_dir in rows.items():
+        model, tokenizer, _, _ = gm.load_for_generation(micro, adapter_dir)
+        alone[name] = gm.generate_outputs(model, tokenizer, ps, 12, batch_size=3).texts
+        shared = prefill.for_row(model, micro, adapter_dir, root, 1, True)
+        assert shared is not None and shared.n == 1
+        shared_out[name] = gm.generate_outputs(model, tokenizer, ps, 12, batch_size=3,
+                                               shared=shared).texts
+        stats[name] = (shared.loaded, shared.computed)
+    assert alone["a"] != alone["base"] and alone["a"] != alone["b"]
+    assert shared_out == alone
+    chunks = stats["base"][1]
+    assert chunks > 0 and stats["base"][0] == 0
+    assert stats["a"] == stats["b"] == (chunks, 0)
+    files = sorted(root.glob("*/*.npz"))
+    assert len(files) == chunks and not list(root.glob("*/*.tmp"))
+
+    model, tokenizer, _, _ = gm.load_for_generation(micro, rows["a"])
+    # The same tokens reached through other chunk boundaries are other keys.
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ids = gm.prompt_ids(tokenizer, ps[0])
+    keys = []
+    for cut in (5, 9):
+        sb = prefill.for_row(model, micro, rows["a"], tmp_path / "lineage", 1, True)
+        cache = make_prompt_cache(model)
+        gm._prefill(model, cache, ids, 0, cut, step=100, shared=sb)
+        gm._prefill(model, cache, ids, cut, 12, step=100, shared=sb)
+        gm._prefill(model, cache, ids, 12, 20, step=100, shared=sb)
+        keys.append(sb.computed)
+    assert keys == [3, 3] and len(list((tmp_path / "lineage").glob("*/*.npz"))) == 6
+    files[0].write_bytes(files[0].read_bytes()[:64])
+    again = prefill.for_row(model, micro, rows["a"], root, 1, True)
+    assert gm.generate_outputs(model, tokenizer, ps, 12, batch_size=3, shared=again).texts == alone["a"]
+    assert again.computed == 1 and again.loaded == chunks - 1
+    n = len(list(root.glob("*/*.npz")))
+    assert prefill.prune(root) == 0 and prefill.prune(root, 0) == n > 0
+    assert not list(root.glob("*/*.npz"))
+    # Nothing shared: no store, or an adapter that adapts every block.
+    assert prefill.for_row(model, micro, rows["a"], None, 1, True) is None
+    assert prefill.for_row(model, micro, None, root, 2, True) is None

@@ -82,11 +82,11 @@ def tokens_key(tokens: Sequence[int] | np.ndarray) -> str:
     return hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).hexdigest()
 
 
-def prune(root: str | Path, max_bytes: int) -> int:
-    """Delete the least recently used state files under `root` until it holds at most
-    `max_bytes`; returns how many were deleted."""
+def prune(root: str | Path, max_bytes: int, pattern: str = "*/*.npy") -> int:
+    """Delete the least recently used files matching `pattern` under `root` until they weigh
+    at most `max_bytes`; returns how many were deleted."""
     files = []
-    for p in Path(root).glob("*/*.npy"):
+    for p in Path(root).glob(pattern):
         try:
             st = p.stat()
         except FileNotFoundError:

@@ -42,14 +42,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _prefill(model: Any, cache: list[Any], tokens: Sequence[int], step: int = 512) -> None:
-    """Run `tokens` through the model into `cache` (which then holds them after its contents),
-    `step` at a time: the attention scores of a chunk are step × cache length floats per head,
-    so a long tool result does not need gigabytes at once."""
+PREFILL_STEP = 512  # prompt tokens per prefill chunk
+
+
+def _prefill(model: Any, cache: list[Any], ids: Sequence[int], start: int, stop: int,
+             step: int | None = None, shared: Any = None) -> None:
+    """Run `ids[start:stop]` through the model into `cache`, which holds `ids[:start]`, `step`
+    at a time: the attention scores of a chunk are step × cache length floats per head, so a
+    long tool result does not need gigabytes at once. `shared`: a
+    codeadapt.models.prefill.SharedBottom that serves the bottom blocks' part of each chunk."""
     import mlx.core as mx
 
-    for i in range(0, len(tokens), step):
-        model(mx.array(tokens[i:i + step])[None], cache=cache)
+    step = step or PREFILL_STEP
+    for i in range(start, stop, step):
+        e = min(i + step, stop)
+        if shared is not None:
+            shared.run(model, cache, ids[:e], i)
+        else:
+            model(mx.array(ids[i:e])[None], cache=cache)
         mx.eval([c.state for c in cache])
 
 
@@ -137,7 +147,7 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
              reuse: bool, carry: list[Carried | None] | None = None,
              finals: list[Carried | None] | None = None,
              batch_tokens: int | None = None,
-             lookahead: int | None = None) -> tuple[list[list[int]], int]:
+             lookahead: int | None = None, shared: Any = None) -> tuple[list[list[int]], int]:
     """Continuous batching: at most `batch_size` prompts decode together, and as soon as one
     finishes another is prefilled and joins the running batch (mlx-lm's BatchGenerator), so
     a short completion never waits for the longest of a fixed chunk. A prompt joins only while
@@ -159,7 +169,8 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     task's previous turn): the prompt starts from it when it shares more than the running
     cache does, so a conversation's history is not prefilled again each turn (the carried
     cache is consumed). `finals`, when given, receives each prompt's cache after its
-    completion, for the next call."""
+    completion, for the next call. `shared`: a codeadapt.models.prefill.SharedBottom for the
+    prefills, used where the model's caches allow it."""
     import copy
 
     import mlx.core as mx
@@ -176,6 +187,9 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     pool: list[tuple[int, list[Any]]] = []  # prefilled prompts waiting for a row, queue order
     budget = kv_budget(model) if batch_tokens is None else batch_tokens
     ahead = max(1, lookahead or batch_size)
+    bottom = shared if shared is not None and shared.supports(model, state["cache"], shared.n) else None
+    if bottom is not None:
+        bottom.trim(0)  # follows this call's running prefix cache, which starts empty
 
     def fits(j: int) -> bool:
         if not active:
@@ -209,11 +223,13 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
         shared = min(common_prefix(prior[0], p), len(p) - 1) if prior is not None else 0
         if prior is not None and shared > keep:
             own, k = _rewind(model, prior[1], shared)
-            _prefill(model, own, p[k:-1])
+            _prefill(model, own, p, k, len(p) - 1)  # a decoded cache: not shared (prefill.py)
             state["reused"] += k
             return own
         state["cache"], keep = _rewind(model, state["cache"], keep)
-        _prefill(model, state["cache"], p[keep:-1])
+        if bottom is not None:
+            bottom.trim(keep)
+        _prefill(model, state["cache"], p, keep, len(p) - 1, shared=bottom)
         state["have"] = p[:-1]
         state["reused"] += keep
         return copy.deepcopy(state["cache"])
@@ -247,7 +263,7 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
 
 def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int,
                      batch_size: int = 1, prefix_cache: bool = True,
-                     sessions: dict[str, Carried] | None = None) -> Generations:
+                     sessions: dict[str, Carried] | None = None, shared: Any = None) -> Generations:
     """Greedy completions: continuous batching of `batch_size` streams when it is > 1, else
     stream_generate.
 
@@ -257,7 +273,10 @@ def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_
     recurrent layers) run without it.
 
     `sessions` (batched path): caches kept between calls by prompt id. A prompt starts from its
-    id's cache where that shares more of it, and its cache after the completion replaces it."""
+    id's cache where that shares more of it, and its cache after the completion replaces it.
+
+    `shared` (batched path): a codeadapt.models.prefill.SharedBottom, whose stored bottom-block
+    chunks other models on the same base computed for these prompts."""
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
     ids = [prompt_ids(tokenizer, p) for p in prompts]
@@ -266,7 +285,8 @@ def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_
     if batch_size > 1:
         carry = [sessions.pop(p.id, None) for p in prompts] if sessions is not None else None
         finals: list[Carried | None] | None = [None] * len(ids) if sessions is not None else None
-        outs, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse, carry, finals)
+        outs, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse, carry, finals,
+                                shared=shared)
         if sessions is not None and finals is not None:
             sessions.update((p.id, f) for p, f in zip(prompts, finals) if f is not None)
     else:
