@@ -71,12 +71,14 @@ def main() -> None:
     else:
         tic = time.time()
         m = train_in_worker(bases[-1], data / args.data, out, spec, None,
-                            adapters / args.init if args.init else None)
+                            adapters / args.init if args.init else None,
+                            frozen_store=data / "cache" / "frozen")
         print(f"{args.name}: trained {time.time() - tic:.0f} s, {m.get('tokens_per_sec')} "
               f"tokens/s, final valid loss {m.get('final_valid_loss')}", flush=True)
         if args.no_eval:
             return
     payload = {"model_dir": str(bases[-1]), "adapter_dir": str(out), "data_dir": str(data / args.phase),
+               "prefill_store": str(data / "cache" / "prefill"),
                "repos_dir": str(s.resolve(s.paths.repos)), "spec": s.eval.model_dump(),
                "fixed_set": str(s.resolve(s.eval.fixed_set)) if s.eval.fixed_set else None,
                "held_out_dir": str(held) if held else None}

@@ -50,7 +50,9 @@ def main() -> None:
                    "data_dir": str(data / args.phase), "repos_dir": str(settings.resolve(settings.paths.repos)),
                    "spec": settings.eval.model_dump(), "agentic": settings.agentic.model_dump(),
                    "fixed_set": None, "held_out_dir": str(held) if held else None,
-                   "keep_transcripts": args.transcripts}
+                   "keep_transcripts": args.transcripts,
+                   "prefill_store": str(data / "cache" / "prefill"),  # rows share the base's prefill
+                   "base_top": settings.train.lora_layers}
         tic = time.perf_counter()
         if row == "rules":
             from codeadapt.agentic import agentic_job

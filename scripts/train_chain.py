@@ -51,7 +51,8 @@ def main() -> None:
         init = prev if spec.continue_chain and spec.mode == "lora" else None
         out = adapters / f"{args.prefix}{phase}"
         tic = time.perf_counter()
-        m = train_in_worker(base, data / phase, out, spec, None, init)
+        m = train_in_worker(base, data / phase, out, spec, None, init,
+                            frozen_store=data / "cache" / "frozen")
         print(f"{out.name}: {spec.iters} steps from {init.name if init else 'the base'} in "
               f"{time.perf_counter() - tic:.0f} s, {m['tokens_per_sec']:.0f} tokens/s, "
               f"final train loss {m['train_losses'][-1]['loss']:.3f}; frozen cache "
