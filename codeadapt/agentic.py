@@ -324,7 +324,6 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
     return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),
             "spec": spec.model_dump(), "tasks": len(tasks), "kinds": kinds_of(tasks),
             "load_s": load_s, "run_s": time.perf_counter() - tic, "over_cap": over_cap,
-            "shared_prefill": None if shared is None else {
-                "blocks": shared.n, "chunks_loaded": shared.loaded, "chunks_computed": shared.computed},
+            "shared_prefill": None if shared is None else shared.stats(),
             "summary": summarize_tasks(tasks, outcomes),
             "outcomes": outcomes_json(outcomes, payload.get("keep_transcripts", 20))}

@@ -91,8 +91,7 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | None, prompts: Sequence[
     if shared is not None:
         prefill.prune(prefill_store)
     return {"model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
-            "shared_prefill": None if shared is None else {
-                "blocks": shared.n, "chunks_loaded": shared.loaded, "chunks_computed": shared.computed},
+            "shared_prefill": None if shared is None else shared.stats(),
             "load_s": load_model_s + load_adapter_s, "load_model_s": load_model_s,
             "load_adapter_s": load_adapter_s, "adapter_bytes": adapter_bytes(adapter_dir),
             **score_outputs(prompts, gen, spec, markers_of(tokenizer))}

@@ -164,6 +164,11 @@ def _in_slot_stored(kind: str, payload: dict[str, Any], cached: Path) -> dict[st
     return result
 
 
+def _shared_prefill(data_dir: Path, base_top: int | None) -> dict[str, Any]:
+    """Payload keys of the prefill store beside the phase datasets (codeadapt.models.prefill)."""
+    return {"prefill_store": str(Path(data_dir).parent / "cache" / "prefill"), "base_top": base_top}
+
+
 @task(task_run_name="evaluate[{label}]")
 def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Path, repos_dir: Path,
              spec: EvalSpec, fixed_set: Path | None, cache_dir: Path,
@@ -177,7 +182,7 @@ def evaluate(label: str, model_dir: Path, adapter_dir: Path | None, data_dir: Pa
                "fixed_set": str(fixed_set) if fixed_set else None,
                "held_out_dir": str(held_out_dir) if held_out_dir else None}
     # Not part of the key: where the shared prefill is kept changes no output.
-    shared = {"prefill_store": str(Path(data_dir).parent / "cache" / "prefill"), "base_top": base_top}
+    shared = _shared_prefill(data_dir, base_top)
     key = eval_key(payload)
     if held_out_dir is not None and spec.held_out_conversations:
         key += train.file_sha256(Path(held_out_dir) / "manifest.json")[:8]
@@ -228,9 +233,7 @@ def evaluate_agentic(label: str, model_dir: Path | str, adapter_dir: Path | None
 
         result = agentic_job(payload)
     else:
-        result = _in_slot_stored("agentic", {
-            **payload, "prefill_store": str(Path(data_dir).parent / "cache" / "prefill"),
-            "base_top": base_top}, cached)
+        result = _in_slot_stored("agentic", {**payload, **_shared_prefill(data_dir, base_top)}, cached)
     a = result["summary"]["all"]
     get_run_logger().info("%s: agentic task success %.1f%% [%.1f, %.1f] on %d tasks, %.2f calls/task",
                           label, 100 * a["success"], 100 * a["lo"], 100 * a["hi"], a["n"],

@@ -70,6 +70,9 @@ class SharedBottom:
         self.loaded = self.computed = 0  # chunks
         self.lineage: list[tuple[int, int]] = []  # (start, end) of the chunks the cache holds
 
+    def stats(self) -> dict[str, int]:
+        return {"blocks": self.n, "chunks_loaded": self.loaded, "chunks_computed": self.computed}
+
     def trim(self, keep: int) -> None:
         """The cache was cut back to its first `keep` tokens."""
         self.lineage = [(s, e) for s, e in self.lineage if s < keep]
