@@ -170,14 +170,21 @@ def publish_dir(out_dir: Path, fill: Callable[[Path], None]) -> Path:
 
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     """Write JSON to a temp file beside `path`, fsync, rename: never half a file."""
+    write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to a temp file beside `path` (fsync unless told not to: a cache file that
+    can be recomputed), then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,17 +133,11 @@ class FrozenBottom:
     def _save(self, key: str, h: Any) -> None:
         if self.store is None:
             return
-        self.store.mkdir(parents=True, exist_ok=True)
+        from codeadapt.fsutil import write_bytes
+
         buf = io.BytesIO()
         np.save(buf, np.asarray(h), allow_pickle=False)
-        fd, tmp = tempfile.mkstemp(dir=self.store, prefix=f".{key[:12]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, self.store / f"{key}.npy")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(self.store / f"{key}.npy", buf.getvalue(), fsync=False)
 
     def states(self, tokens: Sequence[int] | np.ndarray) -> Any:
         """(len(tokens), H) hidden states of one example after the frozen blocks."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,17 +99,11 @@ class SharedBottom:
         return arrays
 
     def _save(self, path: Path, arrays: dict[str, Any]) -> None:
-        self.store.mkdir(parents=True, exist_ok=True)
+        from codeadapt.fsutil import write_bytes
+
         buf = io.BytesIO()
         np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-        fd, tmp = tempfile.mkstemp(dir=self.store, prefix=f".{path.stem[:12]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(path, buf.getvalue(), fsync=False)
 
     def run(self, model: Any, cache: list[Any], seen: Sequence[int], start: int) -> None:
         """Append `seen[start:]` to `cache` (which holds `seen[:start]`) through every block."""
