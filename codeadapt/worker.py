@@ -33,9 +33,10 @@ TAIL_CHARS = 4000
 # glibc malloc: mlx (CPU) allocates and frees each op's output with malloc, and glibc serves
 # anything over 32 MB (attention scores, the head's logits, KV caches) with a fresh mmap, then
 # unmaps it on free: every use faults its pages in again and the kernel zeroes them. Keeping
-# such buffers in the heap (served under 4 GiB, trimmed over 16 GiB) measured here: evaluation
-# of the phase-7 prompts 152 -> 117 s (7.4M -> 0.8M page faults), LoRA 431 -> 461 tokens/s,
-# outputs and losses identical (README: "Memory allocation"). Other libcs ignore the names.
+# such buffers in the heap (served under 4 GiB, trimmed over 16 GiB) measured here: LoRA
+# 431 -> 461 tokens/s, evaluation of the phase-7 prompts 139 -> 129 s (5.4M -> 0.8M page
+# faults), the default run 44:58 -> 41:28, outputs and losses identical (README, stop 34).
+# Other libcs ignore the names.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 log = logging.getLogger(__name__)
 
