@@ -109,54 +109,87 @@ Generate = Callable[[list[list[dict[str, Any]]], list[tuple[dict[str, Any], ...]
                     list[str]]
 
 
+def _advance(t: Task, text: str, o: Outcome, conv: list[dict[str, Any]], max_calls: int,
+             markers: Markers) -> bool:
+    """One model turn of task `t`: a final answer is scored, a call runs on the checkout and
+    its result joins `conv`. True while the task goes on (its conversation grew)."""
+    parsed = parse_output(text, markers, list(t.tools))
+    if not parsed.is_tool_call:
+        o.answer = parsed.answer_text
+        ok, why, o.precision, o.recall = score_answer(t, o.answer)
+        o.success, o.failure = ok and not parsed.fabricated_response, why or (
+            "" if not parsed.fabricated_response else "fabricated")
+        if not o.answer:
+            o.success, o.failure = False, "no_answer"
+        return False
+    if o.calls == max_calls:
+        o.failure = "too_many_calls"
+        return False
+    o.calls += 1
+    call_id = f"call_{o.calls}"
+    if not parsed.format_valid or parsed.name is None:
+        o.invalid_calls += 1
+        result = f"error: {parsed.error or 'malformed tool call'}"
+        name, args = "grep", {}
+    else:
+        name, args = parsed.name, parsed.arguments
+        result = run_call(t.root, name, args)
+        o.invalid_calls += result.startswith("error:")
+        if name not in {s["function"]["name"] for s in t.tools}:
+            name = "grep"  # keep the transcript renderable; the result says what happened
+    conv += [chat.tool_call(call_id, name, args if isinstance(args, dict) else {}),
+             chat.tool_result(call_id, name, result)]
+    return True
+
+
+Stream = Callable[[list[list[dict[str, Any]]], list[tuple[dict[str, Any], ...]],
+                   Callable[[int, str], "list[dict[str, Any]] | None"]], None]
+
+
 def run_tasks(tasks: Sequence[Task], generate: Generate, max_calls: int,
-              markers: Markers = Markers()) -> list[Outcome]:
+              markers: Markers = Markers(), stream: Stream | None = None) -> list[Outcome]:
     """Run every task to a final answer or `max_calls` calls. `generate(conversations, tools,
     ids)` returns one completion per conversation; tasks still going are generated together,
     one turn per round, so a batched generator batches across tasks (and, by id, can continue
-    each task from its previous turn's cache)."""
+    each task from its previous turn's cache). With `stream` (`ModelGenerator.stream`) the
+    tasks run without rounds instead: each task's next turn is generated as soon as its call
+    has run, beside the others' turns (the same greedy turns); every task then gets an equal
+    share of the run's time (in rounds, of each round's)."""
     convs = {t.id: [t.system, chat.user(t.question)] for t in tasks}
     out = {t.id: Outcome(t.id, False) for t in tasks}
-    active = list(tasks)
-    for _ in range(max_calls + 1):
-        if not active:
-            break
+    active: list[Task] = []
+    if stream is not None and tasks:
         tic = time.perf_counter()
-        texts = generate([convs[t.id] for t in active], [t.tools for t in active],
-                         [t.id for t in active])
-        share = (time.perf_counter() - tic) / len(active)
-        still = []
-        for t, text in zip(active, texts):
-            o, conv = out[t.id], convs[t.id]
-            o.seconds += share
-            parsed = parse_output(text, markers, list(t.tools))
-            if not parsed.is_tool_call:
-                o.answer = parsed.answer_text
-                ok, why, o.precision, o.recall = score_answer(t, o.answer)
-                o.success, o.failure = ok and not parsed.fabricated_response, why or (
-                    "" if not parsed.fabricated_response else "fabricated")
-                if not o.answer:
-                    o.success, o.failure = False, "no_answer"
-                continue
-            if o.calls == max_calls:
-                o.failure = "too_many_calls"
-                continue
-            o.calls += 1
-            call_id = f"call_{o.calls}"
-            if not parsed.format_valid or parsed.name is None:
-                o.invalid_calls += 1
-                result = f"error: {parsed.error or 'malformed tool call'}"
-                name, args = "grep", {}
-            else:
-                name, args = parsed.name, parsed.arguments
-                result = run_call(t.root, name, args)
-                o.invalid_calls += result.startswith("error:")
-                if name not in {s["function"]["name"] for s in t.tools}:
-                    name = "grep"  # keep the transcript renderable; the result says what happened
-            conv += [chat.tool_call(call_id, name, args if isinstance(args, dict) else {}),
-                     chat.tool_result(call_id, name, result)]
-            still.append(t)
-        active = still
+        going = {t.id for t in tasks}
+
+        def turn(i: int, text: str) -> list[dict[str, Any]] | None:
+            t = tasks[i]
+            if _advance(t, text, out[t.id], convs[t.id], max_calls, markers):
+                return convs[t.id]
+            going.discard(t.id)
+            return None
+
+        stream([convs[t.id] for t in tasks], [t.tools for t in tasks], turn)
+        if going:
+            raise RuntimeError(f"the generator left {len(going)} tasks without a final turn")
+        share = (time.perf_counter() - tic) / len(tasks)
+        for t in tasks:
+            out[t.id].seconds = share
+    else:
+        active = list(tasks)
+        for _ in range(max_calls + 1):
+            if not active:
+                break
+            tic = time.perf_counter()
+            texts = generate([convs[t.id] for t in active], [t.tools for t in active],
+                             [t.id for t in active])
+            share = (time.perf_counter() - tic) / len(active)
+            still = []
+            for t, text in zip(active, texts):
+                out[t.id].seconds += share
+                if _advance(t, text, out[t.id], convs[t.id], max_calls, markers):
+                    still.append(t)
+            active = still
     for t in active:  # ran out of rounds while still calling
         out[t.id].failure = out[t.id].failure or "too_many_calls"
     for t in tasks:
@@ -193,33 +226,61 @@ def summarize_tasks(tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> dict[
 SESSION_TOKENS = 32_768  # KV kept between turns, all tasks together (fp32 SmolLM2: ~1.5 GB)
 
 
-def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int,
-                    shared: Any = None) -> Generate:
+class ModelGenerator:
     """A `Generate` over an mlx-lm model: greedy, prefix-cached, batched (evaluate's path).
     With batching, each task's KV cache is kept from one turn to the next (up to
-    SESSION_TOKENS in all), so a turn prefills only the new call and tool result."""
-    from codeadapt.models.generate import Carried, generate_outputs
+    SESSION_TOKENS in all), so a turn prefills only the new call and tool result; and `stream`
+    runs whole tasks without rounds (`generate.generate_stream`)."""
 
-    sessions: dict[str, Carried] = {}
+    def __init__(self, model: Any, tokenizer: Any, max_tokens: int, batch_size: int,
+                 shared: Any = None) -> None:
+        from codeadapt.models.generate import Carried
 
-    def generate(convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]],
+        self.model, self.tokenizer, self.shared = model, tokenizer, shared
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.sessions: dict[str, Carried] = {}
+
+    @staticmethod
+    def _prompt(i: str, conv: Sequence[dict[str, Any]], tools: tuple[dict[str, Any], ...]) -> Prompt:
+        return Prompt(id=i, example_id=i, turn=len(conv), messages=tuple(conv), tools=tools,
+                      expected_name=None, expected_arguments=None, expected_text="",
+                      source="", kind="", root="")
+
+    def __call__(self, convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]],
                  ids: list[str]) -> list[str]:
-        prompts = [Prompt(id=i, example_id=i, turn=len(c), messages=tuple(c), tools=t,
-                          expected_name=None, expected_arguments=None, expected_text="",
-                          source="", kind="", root="") for i, c, t in zip(ids, convs, tools)]
-        sessions_in = sessions if batch_size > 1 else None
-        texts = generate_outputs(model, tokenizer, prompts, max_tokens, batch_size,
-                                 sessions=sessions_in, shared=shared).texts
+        from codeadapt.models.generate import generate_outputs
+
+        prompts = [self._prompt(i, c, t) for i, c, t in zip(ids, convs, tools)]
+        sessions = self.sessions if self.batch_size > 1 else None
+        texts = generate_outputs(self.model, self.tokenizer, prompts, self.max_tokens,
+                                 self.batch_size, sessions=sessions, shared=self.shared).texts
         total = 0
-        for key in [k for k in ids if k in sessions]:  # keep what fits, in task order
-            total += len(sessions[key][0])
+        for key in [k for k in ids if k in self.sessions]:  # keep what fits, in task order
+            total += len(self.sessions[key][0])
             if total > SESSION_TOKENS:
-                del sessions[key]
-        for key in [k for k in sessions if k not in ids]:
-            del sessions[key]
+                del self.sessions[key]
+        for key in [k for k in self.sessions if k not in ids]:
+            del self.sessions[key]
         return texts
 
-    return generate
+    def stream(self, convs: list[list[dict[str, Any]]], tools: list[tuple[dict[str, Any], ...]],
+               turn: Callable[[int, str], list[dict[str, Any]] | None]) -> None:
+        """Conversation i's completions go to `turn(i, text)`, which returns its next
+        conversation or None when the task is done."""
+        from codeadapt.models.generate import generate_stream
+
+        def follow(i: int, text: str) -> Prompt | None:
+            conv = turn(i, text)
+            return None if conv is None else self._prompt(str(i), conv, tools[i])
+
+        generate_stream(self.model, self.tokenizer,
+                        [self._prompt(str(i), c, t) for i, (c, t) in enumerate(zip(convs, tools))],
+                        self.max_tokens, self.batch_size, follow, self.shared)
+
+
+def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int,
+                    shared: Any = None) -> ModelGenerator:
+    return ModelGenerator(model, tokenizer, max_tokens, batch_size, shared)
 
 
 def rules_generator() -> Generate:
@@ -318,7 +379,8 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
         gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size, shared)
         over_cap = sum(len(tokenizer.encode(t.expected)) > spec.max_tokens for t in tasks)
     tic = time.perf_counter()
-    outcomes = run_tasks(tasks, gen, spec.max_calls)
+    stream = gen.stream if isinstance(gen, ModelGenerator) and spec.batch_size > 1 else None
+    outcomes = run_tasks(tasks, gen, spec.max_calls, stream=stream)
     if shared is not None:
         prefill.prune(payload["prefill_store"])
     return {"model": payload["model_dir"], "adapter": payload.get("adapter_dir"),

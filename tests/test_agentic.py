@@ -57,6 +57,36 @@ def test_hostile_and_endless_callers_end_as_failures_not_crashes(tasks) -> None:
     assert all(o.invalid_calls == o.calls == 3 for o in outcomes)
 
 
+def test_streamed_tasks_end_as_in_rounds(tasks) -> None:
+    """Asserts: without rounds (`stream`: each task's next turn as soon as its call ran, turns
+    of different tasks interleaved in another order) every task ends with the same calls,
+    transcript, answer and score as in rounds, given the same reply per task and turn."""
+    picked = tasks[:6]
+    rules = agentic.rules_generator()
+
+    def reply(conv: list, tools: tuple) -> str:  # rules, but one task calls until it is stopped
+        if "?" in conv[1]["content"] and conv[1]["content"] == picked[2].question:
+            return _call("grep", {"pattern": "def"})
+        return rules([conv], [tools], ["x"])[0]
+
+    rounds = agentic.run_tasks(picked, lambda cs, ts, ids: [reply(c, t) for c, t in zip(cs, ts)], 3)
+
+    def stream(convs, tools, turn) -> None:
+        pending = list(range(len(convs)))[::-1]  # the last task first, follow-ups at the back
+        while pending:
+            i = pending.pop(0)
+            nxt = turn(i, reply(convs[i], tools[i]))
+            if nxt is not None:
+                convs[i] = nxt
+                pending.append(i)
+
+    streamed = agentic.run_tasks(picked, None, 3, stream=stream)
+    key = lambda o: (o.success, o.calls, o.invalid_calls, o.answer, o.failure, o.transcript)  # noqa: E731
+    assert [key(o) for o in streamed] == [key(o) for o in rounds]
+    assert max(o.calls for o in rounds) == 3 and rounds[2].failure == "too_many_calls"
+    assert any(o.success for o in rounds) and all(o.seconds >= 0 for o in streamed)
+
+
 def test_set_answers_are_scored_by_precision_and_recall() -> None:
     t = agentic.Task("t", "s", "grep_subclasses", ".", {"role": "system", "content": ""}, "q?",
                      "2 classes subclass `A`:\n- `B` (`a.py`, line 3)\n- `C` (`b.py`, line 9)", 1,

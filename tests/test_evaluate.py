@@ -464,6 +464,39 @@ def test_batched_decode_from_prefix_snapshots_gives_the_plain_greedy_tokens(micr
     assert gm.kv_budget(model) > 0
 
 
+def test_follow_ups_join_the_running_batch_and_decode_as_plain_greedy(micro: Path,
+                                                                      repo: Path) -> None:
+    """Asserts: with `follow`, each finished prompt's continuation (the prompt, its completion
+    and a new turn's tokens, two more times per conversation) is decoded while other rows run,
+    from the predecessor's carried cache, and every completion is what plain one-prompt greedy
+    decoding without any cache gives for that whole prompt; the carried caches are released."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(micro))
+    starts = [gm.prompt_ids(tokenizer, p) for p in _varied_prompts(repo)]
+    extra = tokenizer.encode("\nand then?", add_special_tokens=False)
+    ids = [list(p) for p in starts]
+    owner, turns = list(range(len(ids))), [0] * len(ids)
+
+    def follow(j: int, tokens: list[int]) -> list[int] | None:
+        c = owner[j]
+        turns[c] += 1
+        if turns[c] == 3:
+            return None
+        owner.append(c)
+        return ids[j] + tokens + extra
+
+    carry: list = [None] * len(ids)
+    finals: list = [None] * len(ids)
+    outs, reused = gm._batched(model, tokenizer, ids, 6, 3, True, carry, finals, follow=follow)
+    assert len(ids) == len(outs) == 3 * len(starts) and turns == [3] * len(starts)
+    plain, _ = gm._sequential(model, tokenizer, ids, 6, reuse=False)
+    assert outs == plain
+    assert all(c is None for c in carry) and all(f is None for f in finals)
+    later = sum(len(p) for p in ids[len(starts):])
+    assert reused > later // 2  # follow-ups start from their predecessor's cache
+
+
 def test_a_free_row_goes_to_the_prompt_that_pads_the_batch_least() -> None:
     """Asserts: the padding a joining prompt adds is its own shortfall to the longest running
     row, or every running row's growth when it is longer, and nothing into an empty batch; so

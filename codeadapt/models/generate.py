@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ def _sequential(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: in
 
 
 Carried = tuple[list[int], list[Any]]  # the tokens a KV cache holds, and the cache
+Follow = Callable[[int, list[int]], "list[int] | None"]  # (prompt index, its completion) -> next
 
 
 def kv_budget(model: Any) -> int:
@@ -147,7 +148,8 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
              reuse: bool, carry: list[Carried | None] | None = None,
              finals: list[Carried | None] | None = None,
              batch_tokens: int | None = None,
-             lookahead: int | None = None, shared: Any = None) -> tuple[list[list[int]], int]:
+             lookahead: int | None = None, shared: Any = None,
+             follow: Follow | None = None) -> tuple[list[list[int]], int]:
     """Continuous batching: at most `batch_size` prompts decode together, and as soon as one
     finishes another is prefilled and joins the running batch (mlx-lm's BatchGenerator), so
     a short completion never waits for the longest of a fixed chunk. A prompt joins only while
@@ -170,7 +172,13 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     cache does, so a conversation's history is not prefilled again each turn (the carried
     cache is consumed). `finals`, when given, receives each prompt's cache after its
     completion, for the next call. `shared`: a codeadapt.models.prefill.SharedBottom for the
-    prefills, used where the model's caches allow it."""
+    prefills, used where the model's caches allow it.
+
+    `follow(j, tokens)`, when given, is called as prompt j finishes with what it generated, and
+    may return the token ids of a next prompt (an agentic task's next turn, which extends prompt
+    j and its completion): it joins the front of the queue, carrying j's cache, while the other
+    rows go on decoding; `ids` and the returned lists grow by it. Without a round barrier a long
+    answer no longer holds every other task's next turn back."""
     import copy
 
     import mlx.core as mx
@@ -178,6 +186,9 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
     from mlx_lm.models.cache import make_prompt_cache
 
     outs: list[list[int]] = [[] for _ in ids]
+    if follow is not None:  # a follow-up carries its predecessor's final cache
+        carry = carry if carry is not None else [None] * len(ids)
+        finals = finals if finals is not None else [None] * len(ids)
     queue = collections.deque(sorted(range(len(ids)), key=ids.__getitem__) if reuse
                               else range(len(ids)))
     state: dict[str, Any] = {"cache": make_prompt_cache(model), "have": [], "reused": 0}
@@ -221,6 +232,8 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
         keep = min(common_prefix(state["have"], p), len(p) - 1) if reuse else 0
         prior = carry[j] if carry and reuse else None
         shared = min(common_prefix(prior[0], p), len(p) - 1) if prior is not None else 0
+        if prior is not None and carry:
+            carry[j] = None  # consumed: rewound below, or dropped
         if prior is not None and shared > keep:
             own, k = _rewind(model, prior[1], shared)
             _prefill(model, own, p, k, len(p) - 1)  # a decoded cache: not shared (prefill.py)
@@ -255,6 +268,15 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
                         n = sizes.pop() if len(sizes) == 1 else -1
                         finals[j] = ((seen[:n], r.prompt_cache) if len(ids[j]) <= n <= len(seen)
                                      else None)
+                    if follow is not None and carry is not None and finals is not None:
+                        nxt = follow(j, outs[j])
+                        if nxt is not None:
+                            ids.append(nxt)
+                            outs.append([])
+                            carry.append(finals[j])
+                            finals.append(None)
+                            queue.appendleft(len(ids) - 1)
+                        finals[j] = None  # handed on (or the task is done): not kept
             feed()
     finally:
         gen.close()
@@ -297,6 +319,33 @@ def generate_outputs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_
                        finish_reasons=["length" if len(t) >= max_tokens else "stop" for t in outs],
                        generated_tokens=[len(t) for t in outs],
                        prompt_tokens=sum(map(len, ids)), seconds=seconds, reused_tokens=reused)
+
+
+def generate_stream(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int,
+                    batch_size: int, follow: Callable[[int, str], Prompt | None],
+                    shared: Any = None) -> int:
+    """Greedy completions of `prompts` and of the prompts that follow them: `follow(i, text)`
+    gets prompt i's completion (i: the index in `prompts` of the conversation it continues)
+    and returns that conversation's next prompt, or None when it is done. Continuous batching
+    as in `generate_outputs`, with each follow-up joining the running batch as soon as its
+    predecessor finishes, from that predecessor's KV cache (`_batched`'s `follow`). Returns
+    the prompts' tokens served from caches instead of prefilled."""
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    owner = list(range(len(ids)))  # prompt index -> the conversation it belongs to
+
+    def nxt(j: int, tokens: list[int]) -> list[int] | None:
+        p = follow(owner[j], tokenizer.decode(tokens))
+        if p is None:
+            return None
+        owner.append(owner[j])
+        return prompt_ids(tokenizer, p)
+
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    reuse = can_trim_prompt_cache(make_prompt_cache(model))
+    _, reused = _batched(model, tokenizer, ids, max_tokens, batch_size, reuse, shared=shared,
+                         follow=nxt)
+    return reused
 
 
 def load_for_generation(model_dir: Path | str, adapter_dir: Path | str | None,
