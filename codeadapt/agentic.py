@@ -278,11 +278,6 @@ class ModelGenerator:
                         self.max_tokens, self.batch_size, follow, self.shared)
 
 
-def model_generator(model: Any, tokenizer: Any, max_tokens: int, batch_size: int,
-                    shared: Any = None) -> ModelGenerator:
-    return ModelGenerator(model, tokenizer, max_tokens, batch_size, shared)
-
-
 def rules_generator() -> Generate:
     from codeadapt.baseline import rule_output
 
@@ -376,7 +371,7 @@ def agentic_job(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]
         shared = prefill.for_row(model, payload["model_dir"], payload.get("adapter_dir"),
                                  payload.get("prefill_store"), payload.get("base_top"),
                                  ev.fast_kernels)
-        gen = model_generator(model, tokenizer, spec.max_tokens, spec.batch_size, shared)
+        gen = ModelGenerator(model, tokenizer, spec.max_tokens, spec.batch_size, shared)
         over_cap = sum(len(tokenizer.encode(t.expected)) > spec.max_tokens for t in tasks)
     tic = time.perf_counter()
     stream = gen.stream if isinstance(gen, ModelGenerator) and spec.batch_size > 1 else None
