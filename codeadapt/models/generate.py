@@ -273,7 +273,7 @@ def _batched(model: Any, tokenizer: Any, ids: list[list[int]], max_tokens: int, 
                         if nxt is not None:
                             ids.append(nxt)
                             outs.append([])
-                            carry.append(finals[j])
+                            carry.append(finals[j] if reuse else None)  # unused without reuse
                             finals.append(None)
                             queue.appendleft(len(ids) - 1)
                         finals[j] = None  # handed on (or the task is done): not kept
